@@ -1,0 +1,50 @@
+# The README's two commands: `make setup` (fresh Debian bookworm machine) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+GEN := agentd/api/gen
+ARGS ?=
+
+APT_PACKAGES := python3 python3-venv python3-dev build-essential make git clang llvm libbpf-dev bpftool \
+	libbpf1 iproute2 procps util-linux
+
+.PHONY: setup apt venv proto bpf test test-host test-kernel lint clean
+
+setup: apt venv proto bpf
+	bash vagrant/host-setup.sh
+
+apt:
+	@if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm $(APT_PACKAGES); \
+	else echo "not root: skipping apt (need: $(APT_PACKAGES))"; fi
+
+venv:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock -r requirements-dev.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+
+proto:
+	mkdir -p $(GEN)
+	# The virtual include path makes the generated modules import each other as agentd.api.gen.*
+	$(PY) -m grpc_tools.protoc -I$(GEN)=proto --python_out=. --grpc_python_out=. --pyi_out=. \
+		$(GEN)/agentd.proto
+	touch $(GEN)/__init__.py
+
+bpf:
+	$(MAKE) -C bpf
+
+test: test-host test-kernel
+
+test-host:
+	$(PY) -m pytest -m "not guest" tests $(ARGS)
+
+test-kernel:
+	bash vagrant/run-tests.sh $(ARGS)
+
+lint:
+	$(PY) -m ruff check agentd tests bench
+	$(PY) -m mypy agentd
+
+clean:
+	rm -rf $(GEN) bpf/build
