@@ -1,0 +1,141 @@
+"""Translation between protobuf messages and core values (no logic beyond field mapping)."""
+
+from __future__ import annotations
+
+from agentd.api.gen import agentd_pb2 as pb
+from agentd.core.intents import Intent, Limits
+from agentd.core.results import Result
+from agentd.core.sessions import Session, SessionSpec
+from agentd.core.toolcalls import ToolCall
+
+
+def intent_from_pb(msg: pb.Intent) -> Intent:
+    return Intent(
+        tool=msg.tool,
+        argv=tuple(msg.argv),
+        expected_memory_bytes=msg.expected_memory_bytes,
+        memory_class=msg.memory_class,
+        memory_max_bytes=msg.memory_max_bytes,
+        cpu_class=msg.cpu_class,
+        cpu_max_millicores=msg.cpu_max_millicores,
+        pids_max=msg.pids_max,
+        timeout_seconds=msg.timeout_seconds,
+        network=msg.network,
+        labels=dict(msg.labels),
+    )
+
+
+def intent_to_pb(intent: Intent) -> pb.Intent:
+    return pb.Intent(
+        tool=intent.tool,
+        argv=list(intent.argv),
+        expected_memory_bytes=intent.expected_memory_bytes,
+        memory_class=intent.memory_class,  # type: ignore[arg-type]
+        memory_max_bytes=intent.memory_max_bytes,
+        cpu_class=intent.cpu_class,  # type: ignore[arg-type]
+        cpu_max_millicores=intent.cpu_max_millicores,
+        pids_max=intent.pids_max,
+        timeout_seconds=intent.timeout_seconds,
+        network=intent.network,  # type: ignore[arg-type]
+        labels=intent.labels,
+    )
+
+
+def limits_to_pb(limits: Limits, not_enforced: tuple[str, ...] | list[str]) -> pb.Limits:
+    return pb.Limits(
+        memory_high_bytes=limits.memory_high,
+        memory_max_bytes=limits.memory_max,
+        cpu_weight=limits.cpu_weight,
+        cpu_max_millicores=limits.cpu_max_millicores,
+        pids_max=limits.pids_max,
+        timeout_seconds=limits.timeout_seconds,
+        network=limits.network,  # type: ignore[arg-type]
+        not_enforced=list(not_enforced),
+    )
+
+
+def result_to_pb(result: Result) -> pb.ToolCallResult:
+    events = result.memory_events
+    msg = pb.ToolCallResult(
+        call_id=result.call_id,
+        session_id=result.session_id,
+        tool=result.tool,
+        argv=list(result.argv),
+        outcome=int(result.outcome),  # type: ignore[arg-type]
+        has_exit_status=result.exit_status is not None,
+        memory_peak_bytes=result.memory_peak,
+        memory_events=pb.MemoryEvents(
+            low=events.get("low", 0),
+            high=events.get("high", 0),
+            max=events.get("max", 0),
+            oom=events.get("oom", 0),
+            oom_kill=events.get("oom_kill", 0),
+        ),
+        cpu_user_seconds=result.cpu_user_seconds,
+        cpu_system_seconds=result.cpu_system_seconds,
+        cpu_throttled_usec=result.cpu_throttled_usec,
+        pids_peak=result.pids_peak,
+        duration_seconds=result.duration_seconds,
+        started_unix=result.started_unix,
+        ended_unix=result.ended_unix,
+        limits=limits_to_pb(result.limits, result.not_enforced),
+        feedback=result.feedback,
+        retryable=result.retryable,
+        implicit=result.implicit,
+        labels=result.labels,
+        kill_reason=result.kill_reason,
+    )
+    if result.exit_status is not None:
+        msg.exit_code = result.exit_status.code
+        msg.exit_signal = result.exit_status.signal
+    return msg
+
+
+def spec_from_pb(msg: pb.SessionSpec) -> SessionSpec:
+    return SessionSpec(
+        id=msg.id,
+        priority=msg.priority,
+        memory_budget=msg.memory_budget_bytes,
+        memory_protected=msg.memory_protected_bytes,
+        pids_budget=msg.pids_budget,
+        labels=dict(msg.labels),
+    )
+
+
+def session_to_pb(
+    session: Session, agent_processes: int, memory_current: int, cpu_weight: int
+) -> pb.Session:
+    spec = session.spec
+    return pb.Session(
+        spec=pb.SessionSpec(
+            id=spec.id,
+            priority=spec.priority,  # type: ignore[arg-type]
+            memory_budget_bytes=spec.memory_budget,
+            memory_protected_bytes=spec.memory_protected,
+            pids_budget=spec.pids_budget,
+            labels=spec.labels,
+        ),
+        cgroup=str(session.path),
+        active_calls=len(session.calls),
+        agent_processes=agent_processes,
+        memory_current_bytes=memory_current,
+        cpu_weight=cpu_weight,
+        not_enforced=session.not_enforced,
+        created_unix=session.created,
+    )
+
+
+def call_to_pb(call: ToolCall, memory_current: int, pids: list[int]) -> pb.ToolCallInfo:
+    return pb.ToolCallInfo(
+        call_id=call.id,
+        session_id=call.session_id,
+        intent=intent_to_pb(call.intent),
+        limits=limits_to_pb(call.limits, call.not_enforced),
+        state=int(call.state),  # type: ignore[arg-type]
+        created_unix=call.created,
+        started_unix=call.started,
+        memory_current_bytes=memory_current,
+        pids=pids,
+        cgroup=str(call.path),
+        implicit=call.implicit,
+    )

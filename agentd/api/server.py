@@ -1,0 +1,132 @@
+"""Run the daemon: cgroup tree, reconcile, gRPC servers on Unix sockets, join socket, metrics, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agentd.api import join, sdnotify
+from agentd.api.gen import agentd_pb2_grpc as pb_grpc
+from agentd.api.metrics import Metrics
+from agentd.api.servicer import Service
+from agentd.core.config import Config
+from agentd.core.engine import Engine
+from agentd.core.reconcile import reconcile
+from agentd.core.records import RecordStore
+from agentd.core.tree import set_up
+from agentd.kernel.watch import Watcher
+
+log = logging.getLogger(__name__)
+STOP_GRACE_SECONDS = 2.0
+
+
+class DaemonError(RuntimeError):
+    """Start-up failed in a way the operator must fix; the message says how."""
+
+
+def _check_not_running(path: Path) -> None:
+    """Refuse to steal the socket of a live daemon; remove a stale socket file."""
+    if not path.exists() and not path.is_symlink():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+            return
+    raise DaemonError(f"another agentd is already listening on {path}")
+
+
+def _secure(path: Path, mode: int, gid: int | None) -> None:
+    if gid is not None:
+        os.chown(path, 0, gid)
+    os.chmod(path, mode)
+
+
+async def _grpc_server(service: Service, socket_path: Path, mode: int, gid: int | None) -> grpc.aio.Server:
+    server = grpc.aio.server()
+    if service.sandbox:
+        pb_grpc.add_SandboxServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        name = "agentd.v1.Sandbox"
+    else:
+        pb_grpc.add_AdminServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+        name = "agentd.v1.Admin"
+    checker = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if not server.add_insecure_port(f"unix:{socket_path}"):
+        raise DaemonError(f"cannot listen on {socket_path}")
+    await server.start()
+    _secure(socket_path, mode, gid)
+    return server
+
+
+async def serve(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    sockets = (config.admin_socket, config.sandbox_socket, config.join_socket)
+    for path in sockets:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        _check_not_running(path)
+    old_umask = os.umask(0o077)  # sockets are created private, then opened up to their configured mode
+    tree, caps = set_up(config.cgroup_root)
+    records = RecordStore(config.records_file, config.records_max_bytes, config.records_kept_in_memory)
+    watcher = Watcher(loop)
+    engine = Engine(config, tree, caps, records, watcher, loop)
+    metrics = Metrics(engine)
+    report = reconcile(engine)
+    servers: list[grpc.aio.Server] = []
+    join_server: asyncio.AbstractServer | None = None
+    try:
+        servers.append(
+            await _grpc_server(Service(engine, metrics, sandbox=False), config.admin_socket,
+                               config.admin_socket_mode, config.admin_gid)
+        )
+        servers.append(
+            await _grpc_server(Service(engine, metrics, sandbox=True), config.sandbox_socket,
+                               config.sandbox_socket_mode, None)
+        )
+        join_server = await loop.create_unix_server(
+            lambda: join.JoinProtocol(lambda token, pid: engine.join(token, pid).id), str(config.join_socket)
+        )
+        _secure(config.join_socket, 0o666, None)
+        if config.metrics_address:
+            metrics.serve(config.metrics_address)
+        os.umask(old_umask)
+        log.info(
+            "agentd ready",
+            extra={
+                "cgroup_root": str(tree.root),
+                "enforced": ",".join(sorted(caps.enforced)) or "none",
+                "not_enforced": ",".join(sorted(caps.missing)) or "none",
+                "sessions": len(report.sessions),
+                "adopted_calls": len(report.adopted_calls),
+                "admin_socket": str(config.admin_socket),
+            },
+        )
+        sdnotify.notify("READY=1\nSTATUS=serving")
+        await stop.wait()
+        sdnotify.notify("STOPPING=1")
+        log.info("stopping; sessions and running calls stay for the next start to adopt")
+    finally:
+        if join_server is not None:
+            join_server.close()
+        await asyncio.gather(*(s.stop(STOP_GRACE_SECONDS) for s in servers))
+        metrics.close()
+        engine.close()
+        watcher.close()
+        for path in sockets:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()

@@ -1,0 +1,231 @@
+"""gRPC servicers: validate -> authorize -> core. One implementation serves both services.
+
+Admin (admin socket, protected by file mode and group) may act on any session. Sandbox requests carry the
+session token in metadata `x-agentd-session-token` and are confined to that session.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from agentd import __version__
+from agentd.api import convert
+from agentd.api.gen import agentd_pb2 as pb
+from agentd.api.metrics import Metrics
+from agentd.core import errors
+from agentd.core.engine import Engine
+from agentd.core.results import ExitStatus, Result
+from agentd.core.sessions import Session
+from agentd.kernel import cgroupfs, psi
+
+log = logging.getLogger(__name__)
+
+TOKEN_METADATA = "x-agentd-session-token"
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 10000
+
+STATUS_CODES: dict[type[errors.AgentdError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
+    """Map core errors to status codes and time every request."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: Service, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(self, request, context)
+        except errors.AgentdError as exc:
+            code = STATUS_CODES.get(type(exc), grpc.StatusCode.UNKNOWN)
+            await context.abort(code, str(exc))
+        except TimeoutError:
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
+            await context.abort(code, "the tool call did not finish within the requested wait")
+        except cgroupfs.CgroupError as exc:
+            code = grpc.StatusCode.INTERNAL
+            log.error("cgroup operation failed", extra={"method": name, "error": str(exc)})
+            await context.abort(code, f"kernel refused: {exc}")
+        finally:
+            self.metrics.api.labels(name, code.name).observe(time.perf_counter() - start)
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+class Service:
+    """Implements every verb of agentd.v1.Admin; the Sandbox service is the subset that is session-scoped."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, sandbox: bool) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.sandbox = sandbox
+
+    def _scope(self, context: grpc.aio.ServicerContext[Any, Any]) -> Session | None:
+        """None for admin callers; the token's session for sandbox callers."""
+        if not self.sandbox:
+            return None
+        for key, value in context.invocation_metadata() or ():
+            if key == TOKEN_METADATA:
+                return self.engine.session_for_token(str(value))
+        raise errors.PermissionDenied(f"missing session token (metadata {TOKEN_METADATA!r})")
+
+    def _session(self, session_id: str, scope: Session | None) -> Session:
+        if scope is None:
+            if not session_id:
+                raise errors.InvalidArgument("session_id", "required")
+            return self.engine.session(session_id)
+        if session_id and session_id != scope.id:
+            raise errors.PermissionDenied(f"this token belongs to session {scope.id!r}, not {session_id!r}")
+        return scope
+
+    def _session_pb(self, session: Session) -> pb.Session:
+        return convert.session_to_pb(
+            session,
+            len(cgroupfs.procs(session.agent_path)),
+            cgroupfs.memory_current(session.path),
+            session.cpu_weight(self.engine.config),
+        )
+
+    # ----- sessions (admin) ------------------------------------------------------------------------------
+
+    @rpc
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.CreateSessionResponse:
+        session, token = self.engine.create_session(convert.spec_from_pb(request.spec))
+        return pb.CreateSessionResponse(session=self._session_pb(session), token=token)
+
+    @rpc
+    async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
+        return self._session_pb(self._session(request.session_id, self._scope(context)))
+
+    @rpc
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
+        return pb.ListSessionsResponse(sessions=[self._session_pb(s) for s in self.engine.sessions.values()])
+
+    @rpc
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
+        results = await self.engine.delete_session(request.session_id, request.force)
+        return pb.DeleteSessionResponse(finished=[convert.result_to_pb(r) for r in results])
+
+    @rpc
+    async def PlaceAgent(self, request: pb.PlaceAgentRequest, context: Any) -> pb.PlaceAgentResponse:
+        moved = self.engine.place_agent(request.session_id, request.pid, request.include_descendants)
+        return pb.PlaceAgentResponse(moved=moved)
+
+    @rpc
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.Status:
+        self._scope(context)
+        engine, caps = self.engine, self.engine.caps
+        pressure = [p for p in (psi.read_pressure(engine.tree.root, r) for r in psi.RESOURCES) if p]
+        return pb.Status(
+            version=__version__,
+            cgroup_root=str(engine.tree.root),
+            controllers_enforced=sorted(caps.enforced),
+            controllers_missing=sorted(caps.missing),
+            psi_available=caps.psi_triggers,
+            sched_ext_available=caps.sched_ext,
+            sessions=len(engine.sessions),
+            active_calls=len(engine.calls),
+            pressure=[pb.Pressure(resource=p.resource, some_avg10=p.some_avg10, full_avg10=p.full_avg10)
+                      for p in pressure],
+            warnings=caps.warnings,
+            join_socket=str(engine.config.join_socket),
+        )
+
+    # ----- tool calls --------------------------------------------------------------------------------------
+
+    @rpc
+    async def BeginToolCall(self, request: pb.BeginToolCallRequest, context: Any) -> pb.BeginToolCallResponse:
+        scope = self._scope(context)
+        session = self._session(request.session_id, scope)
+        intent = convert.intent_from_pb(request.intent)
+        call, token = self.engine.begin_call(session, intent, request.report_exit, confined=scope is not None)
+        return pb.BeginToolCallResponse(
+            call_id=call.id,
+            join_token=token,
+            limits=convert.limits_to_pb(call.limits, call.not_enforced),
+            join_socket=str(self.engine.config.join_socket),
+        )
+
+    @rpc
+    async def EndToolCall(self, request: pb.EndToolCallRequest, context: Any) -> pb.ToolCallResult:
+        status = ExitStatus(request.exit_code, request.exit_signal) if request.has_exit_status else None
+        if status is not None and (status.signal < 0 or status.signal > 64 or not 0 <= status.code <= 255):
+            raise errors.InvalidArgument("exit_code", "exit code must be 0-255 and signal 0-64")
+        result = await self.engine.end_call(request.call_id, self._scope(context), status)
+        return convert.result_to_pb(result)
+
+    @rpc
+    async def WaitToolCall(self, request: pb.WaitToolCallRequest, context: Any) -> pb.ToolCallResult:
+        if request.timeout_seconds < 0:
+            raise errors.InvalidArgument("timeout_seconds", "must not be negative")
+        result = await self.engine.wait_call(request.call_id, self._scope(context), request.timeout_seconds)
+        return convert.result_to_pb(result)
+
+    @rpc
+    async def GetToolCall(self, request: pb.ToolCallRequest, context: Any) -> pb.ToolCallInfo:
+        call = self.engine.active(request.call_id, self._scope(context))
+        return convert.call_to_pb(call, cgroupfs.memory_current(call.path), cgroupfs.procs(call.path))
+
+    @rpc
+    async def UpdateToolCall(self, request: pb.UpdateToolCallRequest, context: Any) -> pb.Limits:
+        limits = self.engine.update_call(
+            request.call_id,
+            self._scope(context),
+            request.memory_high_bytes,
+            request.memory_max_bytes,
+            request.cpu_max_millicores,
+            request.pids_max,
+        )
+        call = self.engine.calls[request.call_id]
+        return convert.limits_to_pb(limits, call.not_enforced)
+
+    async def _freeze(self, request: pb.ToolCallRequest, on: bool) -> pb.ToolCallInfo:
+        call = await self.engine.freeze_call(request.call_id, on)
+        return convert.call_to_pb(call, cgroupfs.memory_current(call.path), cgroupfs.procs(call.path))
+
+    @rpc
+    async def FreezeToolCall(self, request: pb.ToolCallRequest, context: Any) -> pb.ToolCallInfo:
+        return await self._freeze(request, True)
+
+    @rpc
+    async def ThawToolCall(self, request: pb.ToolCallRequest, context: Any) -> pb.ToolCallInfo:
+        return await self._freeze(request, False)
+
+    @rpc
+    async def KillToolCall(self, request: pb.KillToolCallRequest, context: Any) -> pb.ToolCallResult:
+        return convert.result_to_pb(await self.engine.kill_call(request.call_id, request.reason))
+
+    @rpc
+    async def ListToolCalls(self, request: pb.ListToolCallsRequest, context: Any) -> pb.ListToolCallsResponse:
+        scope = self._scope(context)
+        session_id = self._session(request.session_id, scope).id if scope else (request.session_id or None)
+        if request.limit < 0 or request.limit > MAX_LIST_LIMIT:
+            raise errors.InvalidArgument("limit", f"must be between 0 and {MAX_LIST_LIMIT}")
+        finished: list[Result] = self.engine.records.recent(session_id, request.limit or DEFAULT_LIST_LIMIT)
+        active = []
+        if request.include_active:
+            active = [
+                convert.call_to_pb(c, cgroupfs.memory_current(c.path), cgroupfs.procs(c.path))
+                for c in self.engine.calls.values()
+                if session_id is None or c.session_id == session_id
+            ]
+        return pb.ListToolCallsResponse(finished=[convert.result_to_pb(r) for r in finished], active=active)

@@ -1,0 +1,161 @@
+"""Python client for agent sandboxes and operators: run a command as a tool call, or use the API directly.
+
+Sandbox mode (a session token is given, e.g. $AGENTD_SESSION_TOKEN): talks to the Sandbox service on the
+sandbox socket, confined to that session. Admin mode (no token): talks to the Admin service.
+
+    from agentd.client import Client
+    with Client.from_env() as client:
+        outcome = client.run(["pytest", "-x"], tool="pytest", expected_memory_bytes=2 << 30)
+        if not outcome.ok:
+            print(outcome.result.feedback)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from agentd.api.gen import agentd_pb2 as pb
+from agentd.api.gen import agentd_pb2_grpc as pb_grpc
+from agentd.api.join import JoinError, join
+
+ADMIN_SOCKET = "/run/agentd/admin.sock"
+SANDBOX_SOCKET = "/run/agentd/sandbox.sock"
+TOKEN_METADATA = "x-agentd-session-token"
+# Exit codes of `agentctl run` when the command never ran (as a shell reports them).
+EXIT_NOT_STARTED = 126
+EXIT_NOT_FOUND = 127
+DEFAULT_TIMEOUT = -1.0  # sentinel: the client's default deadline
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """The tool call's result and the exit code a shell would report (128 + signal when killed)."""
+
+    result: pb.ToolCallResult
+    exit_code: int
+
+    @property
+    def ok(self) -> bool:
+        return self.result.outcome == pb.OUTCOME_OK
+
+
+class Client:
+    def __init__(self, socket_path: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+        self.token = token
+        path = socket_path or (SANDBOX_SOCKET if token else ADMIN_SOCKET)
+        self.channel = grpc.insecure_channel(f"unix:{path}")
+        # The generated stubs are untyped; responses are typed where this client returns them.
+        self.admin: Any = pb_grpc.AdminStub(self.channel)  # type: ignore[no-untyped-call]
+        self.stub: Any = pb_grpc.SandboxStub(self.channel) if token else self.admin  # type: ignore[no-untyped-call]
+        self.timeout = timeout
+        self._metadata = ((TOKEN_METADATA, token),) if token else ()
+
+    @staticmethod
+    def from_env(socket_path: str | None = None) -> Client:
+        """$AGENTD_SESSION_TOKEN selects sandbox mode; $AGENTD_SOCKET overrides the socket path."""
+        token = os.environ.get("AGENTD_SESSION_TOKEN") or None
+        return Client(socket_path or os.environ.get("AGENTD_SOCKET") or None, token)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(self, method: str, request: Any, timeout: float | None = DEFAULT_TIMEOUT, admin: bool = False) -> Any:
+        """Invoke an RPC by name with the session token attached; waits for a restarting daemon.
+        timeout=None means no deadline."""
+        stub = self.admin if admin else self.stub
+        deadline = self.timeout if timeout == DEFAULT_TIMEOUT else timeout
+        return getattr(stub, method)(request, timeout=deadline, metadata=self._metadata, wait_for_ready=True)
+
+    # ----- tool calls --------------------------------------------------------------------------------------
+
+    def begin(self, intent: pb.Intent, session_id: str = "", report_exit: bool = True) -> pb.BeginToolCallResponse:
+        request = pb.BeginToolCallRequest(session_id=session_id, intent=intent, report_exit=report_exit)
+        response: pb.BeginToolCallResponse = self.call("BeginToolCall", request)
+        return response
+
+    def end(self, call_id: str, wait_status: int | None) -> pb.ToolCallResult:
+        request = pb.EndToolCallRequest(call_id=call_id)
+        if wait_status is not None:
+            request.has_exit_status = True
+            if os.WIFSIGNALED(wait_status):
+                request.exit_signal = os.WTERMSIG(wait_status)
+            else:
+                request.exit_code = os.WEXITSTATUS(wait_status)
+        result: pb.ToolCallResult = self.call("EndToolCall", request, timeout=max(self.timeout, 120.0))
+        return result
+
+    def wait(self, call_id: str, timeout: float = 0.0) -> pb.ToolCallResult:
+        request = pb.WaitToolCallRequest(call_id=call_id, timeout_seconds=timeout)
+        result: pb.ToolCallResult = self.call("WaitToolCall", request, timeout=timeout + 5 if timeout else None)
+        return result
+
+    def spawn(self, begun: pb.BeginToolCallResponse, argv: Sequence[str]) -> int:
+        """Fork a child that joins the call (placed by the daemon before exec) and execs argv; return its pid."""
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: only raw syscalls from here on, no gRPC
+            os.close(read_fd)
+            try:
+                join(begun.join_socket, begun.join_token)
+            except (OSError, JoinError) as exc:
+                os.write(write_fd, f"agentd: could not join the tool call: {exc}\n".encode())
+                os._exit(EXIT_NOT_STARTED)
+            os.close(write_fd)
+            try:
+                os.execvp(argv[0], list(argv))
+            except OSError as exc:
+                sys.stderr.write(f"agentd: {argv[0]}: {exc.strerror}\n")
+                os._exit(EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_STARTED)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as errors:
+            message = errors.read()  # EOF at exec (close-on-exec) or when the child gives up
+        if message:
+            os.waitpid(pid, 0)
+            raise RuntimeError(message.decode().strip())
+        return pid
+
+    def run(
+        self,
+        argv: Sequence[str],
+        session_id: str = "",
+        on_spawn: Callable[[int], None] | None = None,
+        **intent_fields: Any,
+    ) -> RunOutcome:
+        """Run argv as a tool call, passing stdio through; return the result and the shell exit code.
+        `on_spawn` receives the child's pid (e.g. to forward signals to it)."""
+        intent = pb.Intent(argv=list(argv), **intent_fields)
+        if not intent.tool:
+            intent.tool = os.path.basename(argv[0])
+        begun = self.begin(intent, session_id)
+        try:
+            pid = self.spawn(begun, argv)
+        except RuntimeError as exc:
+            result = self.end(begun.call_id, None)
+            raise RunError(str(exc), result) from None
+        if on_spawn is not None:
+            on_spawn(pid)
+        _, status = os.waitpid(pid, 0)
+        result = self.end(begun.call_id, status)
+        code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return RunOutcome(result, code)
+
+
+class RunError(RuntimeError):
+    """The command could not be started inside its tool call."""
+
+    def __init__(self, message: str, result: pb.ToolCallResult) -> None:
+        super().__init__(message)
+        self.result = result

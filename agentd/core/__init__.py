@@ -1,0 +1,1 @@
+"""Core: sessions, tool calls, intents and limits, results, records. Talks to the kernel via agentd.kernel."""

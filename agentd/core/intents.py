@@ -1,0 +1,211 @@
+"""Intents (what an agent declares before a tool call), their validation, and the limits derived from them.
+
+Limits = intent ⊓ session budget ⊓ config. Validation rejects the whole intent with the first field that is
+wrong and why; nothing is created for an invalid intent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+
+from agentd.core.config import Config
+from agentd.core.errors import InvalidArgument
+from agentd.core.units import format_size
+
+MAX_TOOL_LEN = 128
+MAX_ARGV_ITEMS = 4096
+MAX_ARGV_BYTES = 128 * 1024
+MAX_LABELS = 32
+MAX_LABEL_KEY = 64
+MAX_LABEL_VALUE = 256
+
+
+class MemoryClass(IntEnum):
+    UNSPECIFIED = 0
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+
+
+class CpuClass(IntEnum):
+    UNSPECIFIED = 0
+    BACKGROUND = 1
+    NORMAL = 2
+    INTERACTIVE = 3
+
+
+class Network(IntEnum):
+    UNSPECIFIED = 0
+    ANY = 1
+    NONE = 2
+
+
+@dataclass(frozen=True)
+class Intent:
+    tool: str = ""
+    argv: tuple[str, ...] = ()
+    expected_memory_bytes: int = 0
+    memory_class: int = MemoryClass.UNSPECIFIED
+    memory_max_bytes: int = 0
+    cpu_class: int = CpuClass.UNSPECIFIED
+    cpu_max_millicores: int = 0
+    pids_max: int = 0
+    timeout_seconds: float = 0.0
+    network: int = Network.UNSPECIFIED
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["argv"] = list(self.argv)
+        return data
+
+    @staticmethod
+    def from_json(data: dict[str, object]) -> Intent:
+        values = dict(data)
+        values["argv"] = tuple(values.get("argv", ()))  # type: ignore[arg-type]
+        return Intent(**values)  # type: ignore[arg-type]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What is written to the call's cgroup (0 = no limit) plus the timeout and network intent."""
+
+    memory_high: int
+    memory_max: int
+    cpu_weight: int
+    cpu_max_millicores: int
+    pids_max: int
+    timeout_seconds: float
+    network: int
+
+    def knobs(self) -> dict[str, str]:
+        """cgroup files and the values to write, in a safe order (oom.group before the limits)."""
+        knobs = {
+            "memory.oom.group": "1",
+            "memory.high": str(self.memory_high) if self.memory_high else "max",
+            "memory.max": str(self.memory_max) if self.memory_max else "max",
+            "cpu.weight": str(self.cpu_weight),
+            "cpu.max": cpu_max_value(self.cpu_max_millicores),
+            "pids.max": str(self.pids_max) if self.pids_max else "max",
+        }
+        return knobs
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+CPU_PERIOD_US = 100_000
+
+
+def cpu_max_value(millicores: int) -> str:
+    """cpu.max 'quota period' for a cap in millicores (1000 = one CPU)."""
+    if not millicores:
+        return f"max {CPU_PERIOD_US}"
+    return f"{millicores * CPU_PERIOD_US // 1000} {CPU_PERIOD_US}"
+
+
+def check_text(field_name: str, value: str, max_len: int, *, allow_empty: bool = True) -> None:
+    """Reject control characters, overlong and (optionally) empty strings."""
+    if not value and not allow_empty:
+        raise InvalidArgument(field_name, "must not be empty")
+    if len(value.encode()) > max_len:
+        raise InvalidArgument(field_name, f"longer than {max_len} bytes")
+    for ch in value:
+        if ord(ch) < 0x20 or ord(ch) == 0x7F:
+            raise InvalidArgument(field_name, f"contains control character {ch!r}")
+
+
+def check_labels(field_name: str, labels: dict[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(field_name, f"more than {MAX_LABELS} labels")
+    for key, value in labels.items():
+        check_text(f"{field_name}[{key!r}]", key, MAX_LABEL_KEY, allow_empty=False)
+        check_text(f"{field_name}[{key!r}]", value, MAX_LABEL_VALUE)
+
+
+def check_size(field_name: str, value: int, ceiling: int) -> None:
+    if value < 0:
+        raise InvalidArgument(field_name, f"must not be negative, got {value}")
+    if value > ceiling:
+        raise InvalidArgument(field_name, f"{format_size(value)} exceeds the ceiling of {format_size(ceiling)}")
+
+
+def check_enum(field_name: str, value: int, enum: type[IntEnum]) -> None:
+    if value not in {m.value for m in enum}:
+        raise InvalidArgument(field_name, f"unknown value {value}")
+
+
+def validate_intent(intent: Intent, config: Config) -> None:
+    """Raise InvalidArgument naming the first wrong field."""
+    check_text("intent.tool", intent.tool, MAX_TOOL_LEN)
+    if len(intent.argv) > MAX_ARGV_ITEMS:
+        raise InvalidArgument("intent.argv", f"more than {MAX_ARGV_ITEMS} arguments")
+    total = 0
+    for i, arg in enumerate(intent.argv):
+        total += len(arg.encode())
+        if "\x00" in arg:
+            raise InvalidArgument(f"intent.argv[{i}]", "contains a NUL byte")
+    if total > MAX_ARGV_BYTES:
+        raise InvalidArgument("intent.argv", f"longer than {MAX_ARGV_BYTES} bytes in total")
+    check_size("intent.expected_memory_bytes", intent.expected_memory_bytes, config.memory_ceiling)
+    check_enum("intent.memory_class", intent.memory_class, MemoryClass)
+    check_size("intent.memory_max_bytes", intent.memory_max_bytes, config.memory_ceiling)
+    if intent.memory_max_bytes and intent.memory_max_bytes < intent.expected_memory_bytes:
+        raise InvalidArgument("intent.memory_max_bytes", "smaller than expected_memory_bytes")
+    check_enum("intent.cpu_class", intent.cpu_class, CpuClass)
+    if intent.cpu_max_millicores < 0 or intent.cpu_max_millicores > config.max_cpu_millicores:
+        raise InvalidArgument(
+            "intent.cpu_max_millicores", f"must be between 0 and {config.max_cpu_millicores}"
+        )
+    if 0 < intent.cpu_max_millicores < 10:
+        raise InvalidArgument("intent.cpu_max_millicores", "below the 10 millicore minimum")
+    if intent.pids_max < 0 or intent.pids_max > config.max_pids:
+        raise InvalidArgument("intent.pids_max", f"must be between 0 and {config.max_pids}")
+    timeout = intent.timeout_seconds
+    if not math.isfinite(timeout) or timeout < 0 or timeout > config.max_timeout_seconds:
+        raise InvalidArgument(
+            "intent.timeout_seconds", f"must be between 0 and {config.max_timeout_seconds:g}, got {timeout}"
+        )
+    check_enum("intent.network", intent.network, Network)
+    check_labels("intent.labels", intent.labels)
+
+
+def class_bytes(memory_class: int, config: Config) -> int:
+    name = {MemoryClass.LOW: "low", MemoryClass.MEDIUM: "medium", MemoryClass.HIGH: "high"}.get(
+        MemoryClass(memory_class), config.default_memory_class
+    )
+    return {
+        "low": config.memory_class_low,
+        "medium": config.memory_class_medium,
+        "high": config.memory_class_high,
+    }[name]
+
+
+def derive_limits(intent: Intent, config: Config, session_budget: int) -> Limits:
+    """memory.high from the expectation, memory.max from the declared hard limit or expected x ratio, both
+    capped by the session budget (0 = unlimited); CPU weight by class; pids and timeout from config."""
+    expected = intent.expected_memory_bytes or class_bytes(intent.memory_class, config)
+    hard = intent.memory_max_bytes or int(expected * config.memory_max_ratio)
+    if session_budget:
+        hard = min(hard, session_budget)
+        expected = min(expected, hard)
+    weights = {
+        CpuClass.BACKGROUND: config.cpu_weight_background,
+        CpuClass.INTERACTIVE: config.cpu_weight_interactive,
+    }
+    return Limits(
+        memory_high=expected,
+        memory_max=hard,
+        cpu_weight=weights.get(CpuClass(intent.cpu_class), config.cpu_weight_normal),
+        cpu_max_millicores=intent.cpu_max_millicores,
+        pids_max=intent.pids_max or config.default_pids_max,
+        timeout_seconds=intent.timeout_seconds or config.default_timeout_seconds,
+        network=intent.network or Network.ANY,
+    )

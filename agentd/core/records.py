@@ -1,0 +1,83 @@
+"""The record of finished tool calls: one JSON line each, appended and fdatasync'ed before anyone is answered.
+
+Recent records stay in memory for ListToolCalls and for reconciling after a restart (a call whose record
+exists is not recorded twice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+from agentd.core.results import Result
+
+log = logging.getLogger(__name__)
+TAIL_READ_BYTES = 64 * 1024 * 1024
+
+
+class RecordStore:
+    def __init__(self, path: Path, max_bytes: int, keep: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self._recent: OrderedDict[str, Result] = OrderedDict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._load()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def _load(self) -> None:
+        """Read the newest records (the tail of the rotated file, then the current one)."""
+        for path in (self.path.with_name(self.path.name + ".1"), self.path):
+            try:
+                with path.open("rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(0, size - TAIL_READ_BYTES))
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            lines = data.splitlines()
+            if size > TAIL_READ_BYTES:
+                lines = lines[1:]  # the first line may be cut
+            for line in lines:
+                try:
+                    self._remember(Result.from_json(json.loads(line)))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("skipping unreadable record in %s: %s", path, exc)
+
+    def _remember(self, result: Result) -> None:
+        self._recent[result.call_id] = result
+        self._recent.move_to_end(result.call_id)
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+
+    def append(self, result: Result) -> None:
+        line = json.dumps(result.to_json(), separators=(",", ":")).encode() + b"\n"
+        if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
+            self._rotate()
+        os.write(self._fd, line)
+        os.fdatasync(self._fd)
+        self._remember(result)
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def get(self, call_id: str) -> Result | None:
+        return self._recent.get(call_id)
+
+    def recent(self, session_id: str | None, limit: int) -> list[Result]:
+        """Newest first."""
+        out: list[Result] = []
+        for result in reversed(self._recent.values()):
+            if session_id is None or result.session_id == session_id:
+                out.append(result)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)

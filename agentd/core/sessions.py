@@ -1,0 +1,109 @@
+"""Sessions: one per agent sandbox, with a priority, budgets and a secret token; their cgroup knobs and label."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agentd.core.config import Config
+from agentd.core.errors import InvalidArgument
+from agentd.core.intents import check_enum, check_labels, check_size
+
+if TYPE_CHECKING:
+    from agentd.core.toolcalls import ToolCall
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+AGENT_LEAF = "agent"
+
+
+class Priority(IntEnum):
+    UNSPECIFIED = 0
+    HIGH = 1
+    NORMAL = 2
+    LOW = 3
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    id: str = ""
+    priority: int = Priority.UNSPECIFIED
+    memory_budget: int = 0
+    memory_protected: int = 0
+    pids_budget: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def validate_spec(spec: SessionSpec, config: Config) -> None:
+    if spec.id and not SESSION_ID.match(spec.id):
+        raise InvalidArgument("spec.id", "must be 1-64 characters of [A-Za-z0-9_.-], starting alphanumeric")
+    check_enum("spec.priority", spec.priority, Priority)
+    check_size("spec.memory_budget_bytes", spec.memory_budget, config.memory_ceiling)
+    check_size("spec.memory_protected_bytes", spec.memory_protected, config.memory_ceiling)
+    if spec.memory_protected and spec.priority != Priority.HIGH:
+        raise InvalidArgument("spec.memory_protected_bytes", "only HIGH priority sessions get protected memory")
+    if spec.memory_budget and spec.memory_protected > spec.memory_budget:
+        raise InvalidArgument("spec.memory_protected_bytes", "larger than the memory budget")
+    if spec.pids_budget < 0 or spec.pids_budget > 4194304:
+        raise InvalidArgument("spec.pids_budget", "must be between 0 and 4194304")
+    check_labels("spec.labels", spec.labels)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(eq=False)
+class Session:
+    spec: SessionSpec
+    path: Path
+    token_sha256: str
+    created: float
+    not_enforced: list[str] = field(default_factory=list)
+    calls: dict[str, ToolCall] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def agent_path(self) -> Path:
+        return self.path / AGENT_LEAF
+
+    def cpu_weight(self, config: Config) -> int:
+        return {
+            Priority.HIGH: config.cpu_weight_high,
+            Priority.LOW: config.cpu_weight_low,
+        }.get(Priority(self.spec.priority), config.cpu_weight_session_normal)
+
+    def knobs(self, config: Config) -> dict[str, str]:
+        spec = self.spec
+        protected = spec.memory_protected
+        if spec.priority == Priority.HIGH and not protected:
+            protected = config.default_memory_protected_high
+        return {
+            "memory.max": str(spec.memory_budget) if spec.memory_budget else "max",
+            "memory.low": str(protected),
+            "cpu.weight": str(self.cpu_weight(config)),
+            "pids.max": str(spec.pids_budget or config.default_pids_budget),
+        }
+
+    def label(self) -> bytes:
+        data = {"v": 1, "spec": asdict(self.spec), "token_sha256": self.token_sha256, "created": self.created}
+        return json.dumps(data, separators=(",", ":")).encode()
+
+    @staticmethod
+    def from_label(raw: bytes, path: Path) -> Session:
+        data = json.loads(raw)
+        if data.get("v") != 1:
+            raise ValueError(f"unknown session label version {data.get('v')!r}")
+        return Session(SessionSpec(**data["spec"]), path, data["token_sha256"], float(data["created"]))

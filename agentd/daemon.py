@@ -1,0 +1,47 @@
+"""`agentd`: the daemon's entry point (configuration, logging, the event loop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from agentd import __version__, logs
+from agentd.core.config import DEFAULT_PATH, ConfigError, default_toml, load_config
+
+log = logging.getLogger("agentd")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agentd", description="Per-tool-call resource control for AI agents")
+    parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"TOML file (default {DEFAULT_PATH})")
+    parser.add_argument("--print-config", action="store_true", help="print the documented defaults and exit")
+    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version=f"agentd {__version__}")
+    args = parser.parse_args(argv)
+    if args.print_config:
+        sys.stdout.write(default_toml())
+        return 0
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"agentd: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print("configuration OK")
+        return 0
+    logs.configure(config.log_level)
+    from agentd.api.server import DaemonError, serve  # imports grpc: keep --print-config fast
+
+    try:
+        asyncio.run(serve(config))
+    except DaemonError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Capability probe: what this kernel lets agentd enforce, measured once at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agentd.kernel import psi
+
+SCHED_EXT_STATE = Path("/sys/kernel/sched_ext/state")
+
+
+@dataclass
+class Capabilities:
+    """One value the rest of the daemon consults; `agentctl status` shows it."""
+
+    cgroup2_mount: Path
+    cgroup_root: Path
+    enforced: set[str]           # controllers enabled for tool-call cgroups
+    missing: set[str]            # wanted controllers that are not available on cgroup v2 here
+    psi_triggers: bool
+    sched_ext: bool
+    memory_peak: bool = False    # memory.peak exists (kernel >= 5.19 with the memory controller)
+    warnings: list[str] = field(default_factory=list)
+
+    def describe_missing(self) -> str:
+        knobs = {
+            "memory": "memory.high/memory.max/memory.low/memory.oom.group",
+            "cpu": "cpu.weight/cpu.max",
+            "pids": "pids.max",
+            "io": "io.weight",
+        }
+        return "; ".join(f"{c}: {knobs[c]} NOT enforced" for c in sorted(self.missing))
+
+
+def probe_sched_ext() -> bool:
+    return SCHED_EXT_STATE.exists()
+
+
+def probe_psi(cgroup: Path) -> bool:
+    return psi.triggers_supported(cgroup)

@@ -1,0 +1,247 @@
+"""cgroupfs: the only module that writes cgroup v2 files (knobs, membership, freeze, kill, labels).
+
+Everything else in agentd asks this module. Paths are absolute filesystem paths inside the cgroup2 mount.
+Reads and writes use raw os.open/os.read/os.write: this is the tool-call hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONTROLLERS = ("memory", "cpu", "pids", "io")
+LABEL_PREFIX = "user.agentd."
+
+
+class CgroupError(OSError):
+    """A cgroup operation failed; the message names the file and the operation."""
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    """Accounting read from a cgroup before it is removed. -1 means the file does not exist here."""
+
+    memory_peak: int = -1
+    memory_current: int = -1
+    memory_events: Mapping[str, int] = field(default_factory=dict)
+    cpu_usage_usec: int = 0
+    cpu_user_usec: int = 0
+    cpu_system_usec: int = 0
+    cpu_throttled_usec: int = 0
+    cpu_nr_throttled: int = 0
+    pids_peak: int = -1
+
+
+def read_text(path: Path) -> str | None:
+    """Read a small cgroup file; None if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, 65536).decode()
+    finally:
+        os.close(fd)
+
+
+def parse_flat_keyed(text: str | None) -> dict[str, int]:
+    """Parse 'key value' lines (memory.events, cpu.stat, cgroup.events)."""
+    out: dict[str, int] = {}
+    if text:
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = int(value)
+    return out
+
+
+def _read_int(path: Path) -> int:
+    text = read_text(path)
+    if text is None:
+        return -1
+    text = text.strip()
+    return -1 if text == "max" else int(text)
+
+
+def write_file(path: Path, value: str) -> None:
+    """Write one value to a cgroup file, raising CgroupError that names the file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CgroupError(exc.errno, f"open {path}: {os.strerror(exc.errno or 0)}") from exc
+    try:
+        os.write(fd, value.encode())
+    except OSError as exc:
+        raise CgroupError(exc.errno, f"write {value!r} to {path}: {os.strerror(exc.errno or 0)}") from exc
+    finally:
+        os.close(fd)
+
+
+def controllers(path: Path) -> set[str]:
+    """Controllers available in a cgroup (its cgroup.controllers)."""
+    return set((read_text(path / "cgroup.controllers") or "").split())
+
+
+def subtree_controllers(path: Path) -> set[str]:
+    """Controllers enabled for a cgroup's children (its cgroup.subtree_control)."""
+    return set((read_text(path / "cgroup.subtree_control") or "").split())
+
+
+def enable_controllers(path: Path, wanted: Iterable[str]) -> set[str]:
+    """Enable every wanted controller that is available in `path` for its children; return those enabled."""
+    available = controllers(path)
+    for name in wanted:
+        if name in available:
+            write_file(path / "cgroup.subtree_control", f"+{name}")
+    return subtree_controllers(path) & set(wanted)
+
+
+def knob_controller(knob: str) -> str:
+    """The controller a knob belongs to ('memory.max' -> 'memory')."""
+    return knob.split(".", 1)[0]
+
+
+def make(path: Path) -> int:
+    """Create a cgroup; return its id (the directory's inode number)."""
+    try:
+        os.mkdir(path)
+    except OSError as exc:
+        raise CgroupError(exc.errno, f"mkdir {path}: {os.strerror(exc.errno or 0)}") from exc
+    return os.stat(path).st_ino
+
+
+def ensure(path: Path) -> None:
+    """Create a cgroup if it does not exist yet."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path)
+
+
+def cgroup_id(path: Path) -> int:
+    return os.stat(path).st_ino
+
+
+def apply_knobs(path: Path, knobs: Mapping[str, str], enabled: set[str]) -> list[str]:
+    """Write knobs whose controller is enabled for this cgroup; return the knobs that were not applied."""
+    skipped = []
+    for knob, value in knobs.items():
+        if knob_controller(knob) in enabled:
+            write_file(path / knob, value)
+        else:
+            skipped.append(knob)
+    return skipped
+
+
+def move(path: Path, pid: int) -> None:
+    """Move a process (all its threads) into a cgroup."""
+    write_file(path / "cgroup.procs", str(pid))
+
+
+def procs(path: Path) -> list[int]:
+    text = read_text(path / "cgroup.procs")
+    return [int(p) for p in text.split()] if text else []
+
+
+def populated(path: Path) -> bool:
+    return parse_flat_keyed(read_text(path / "cgroup.events")).get("populated", 0) == 1
+
+
+def frozen(path: Path) -> bool:
+    return parse_flat_keyed(read_text(path / "cgroup.events")).get("frozen", 0) == 1
+
+
+def kill(path: Path) -> None:
+    """Kill every process in the subtree atomically (cgroup.kill)."""
+    write_file(path / "cgroup.kill", "1")
+
+
+def freeze(path: Path, on: bool) -> None:
+    write_file(path / "cgroup.freeze", "1" if on else "0")
+
+
+def remove(path: Path) -> bool:
+    """rmdir a cgroup; False if it is still populated (EBUSY) or already gone."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return False
+        raise CgroupError(exc.errno, f"rmdir {path}: {os.strerror(exc.errno or 0)}") from exc
+    return True
+
+
+def children(path: Path) -> Iterator[Path]:
+    """Child cgroups (directories) of a cgroup."""
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield Path(entry.path)
+
+
+def set_label(path: Path, key: str, value: bytes) -> None:
+    """Store a label as a user xattr so a restarted daemon recognises what it created."""
+    try:
+        os.setxattr(path, LABEL_PREFIX + key, value)
+    except OSError as exc:
+        raise CgroupError(exc.errno, f"setxattr {key} on {path}: {os.strerror(exc.errno or 0)}") from exc
+
+
+def get_label(path: Path, key: str) -> bytes | None:
+    try:
+        return os.getxattr(path, LABEL_PREFIX + key)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOENT, errno.EOPNOTSUPP):
+            return None
+        raise
+
+
+def read_stats(path: Path) -> CgroupStats:
+    """Read the accounting that vanishes with rmdir: peak memory, memory events, CPU, pids."""
+    cpu = parse_flat_keyed(read_text(path / "cpu.stat"))
+    return CgroupStats(
+        memory_peak=_read_int(path / "memory.peak"),
+        memory_current=_read_int(path / "memory.current"),
+        memory_events=parse_flat_keyed(read_text(path / "memory.events")),
+        cpu_usage_usec=cpu.get("usage_usec", 0),
+        cpu_user_usec=cpu.get("user_usec", 0),
+        cpu_system_usec=cpu.get("system_usec", 0),
+        cpu_throttled_usec=cpu.get("throttled_usec", 0),
+        cpu_nr_throttled=cpu.get("nr_throttled", 0),
+        pids_peak=_read_int(path / "pids.peak"),
+    )
+
+
+def memory_current(path: Path) -> int:
+    return _read_int(path / "memory.current")
+
+
+def cgroup_of_pid(mount: Path, pid: int) -> Path | None:
+    """The cgroup v2 directory of a process, or None if it is gone."""
+    text = read_text(Path(f"/proc/{pid}/cgroup"))
+    if text is None:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return mount / line[3:].strip().lstrip("/")
+    return None
+
+
+def remove_tree(path: Path) -> None:
+    """Kill everything in a subtree and remove it bottom-up (used for cleanup of owned trees)."""
+    if not path.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        kill(path)
+    for child in list(children(path)):
+        remove_tree(child)
+    for _ in range(200):
+        if remove(path) or not path.exists():
+            return
+        time.sleep(0.005)
+    raise CgroupError(errno.EBUSY, f"cgroup {path} stayed populated after cgroup.kill")

@@ -1,0 +1,49 @@
+"""Pressure stall information: read cgroup pressure averages and probe whether PSI triggers work."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+RESOURCES = ("memory", "cpu", "io")
+
+
+@dataclass(frozen=True)
+class Pressure:
+    resource: str
+    some_avg10: float
+    full_avg10: float
+
+
+def read_pressure(cgroup: Path, resource: str) -> Pressure | None:
+    """avg10 of 'some' and 'full' from <cgroup>/<resource>.pressure; None if the file is absent."""
+    try:
+        text = (cgroup / f"{resource}.pressure").read_text()
+    except OSError:
+        return None
+    values = {"some": 0.0, "full": 0.0}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        for item in fields:
+            key, _, value = item.partition("=")
+            if key == "avg10" and kind in values:
+                values[kind] = float(value)
+    return Pressure(resource, values["some"], values["full"])
+
+
+def triggers_supported(cgroup: Path) -> bool:
+    """True if a PSI trigger can be registered on this cgroup (fails with EINVAL/EOPNOTSUPP when PSI is off)."""
+    try:
+        fd = os.open(cgroup / "memory.pressure", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        os.write(fd, b"some 150000 1000000")
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return True

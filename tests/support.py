@@ -1,0 +1,168 @@
+"""Test support: run a real agentd as a subprocess on a private cgroup root and sockets, and clean up after it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agentd.api.gen import agentd_pb2 as pb
+from agentd.client import Client
+from agentd.kernel import cgroupfs
+from agentd.kernel.mounts import find_cgroup2_mount
+
+IN_GUEST = os.environ.get("AGENTD_IN_GUEST") == "1"
+SLOW = 10.0 if IN_GUEST else 1.0  # TCG guests run Python 10-15x slower
+REPO = Path(__file__).resolve().parent.parent
+AGENTCTL = [sys.executable, "-m", "agentd.cli.agentctl"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_root_name() -> str:
+    return f"agentd-test-{uuid.uuid4().hex[:8]}"
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class Daemon:
+    """A real agentd process with its own config, cgroup root, sockets and records."""
+
+    def __init__(self, workdir: Path, cgroup_root: Path | None = None, **overrides: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.cgroup_root = cgroup_root or find_cgroup2_mount() / test_root_name()
+        self.admin_socket = workdir / "admin.sock"
+        self.sandbox_socket = workdir / "sandbox.sock"
+        self.join_socket = workdir / "join.sock"
+        self.records = workdir / "state" / "records.jsonl"
+        self.metrics_port = free_port()
+        self.log = workdir / "agentd.log"
+        self.config = workdir / "agentd.toml"
+        sections: dict[str, dict[str, Any]] = {
+            "daemon": {"cgroup_root": str(self.cgroup_root), "state_dir": str(workdir / "state"),
+                       "log_level": "debug"},
+            "api": {"admin_socket": str(self.admin_socket), "sandbox_socket": str(self.sandbox_socket),
+                    "join_socket": str(self.join_socket)},
+            "metrics": {"address": f"127.0.0.1:{self.metrics_port}"},
+        }
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+        lines = []
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0 * SLOW) -> Daemon:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agentd.daemon", "--config", str(self.config)],
+                stdout=log, stderr=log, env=child_env(), cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agentd exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            if b'"agentd ready"' in self.log.read_bytes()[offset:]:
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"agentd did not become ready in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(10 * SLOW)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def cleanup(self) -> None:
+        """Stop the daemon and remove its whole cgroup tree (killing anything left)."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        finally:
+            cgroupfs.remove_tree(self.cgroup_root)
+
+    def admin(self) -> Client:
+        return Client(str(self.admin_socket), timeout=30 * SLOW)
+
+    def sandbox(self, token: str) -> Client:
+        return Client(str(self.sandbox_socket), token=token, timeout=30 * SLOW)
+
+    def env(self, token: str | None = None) -> dict[str, str]:
+        env = child_env()
+        env.pop("AGENTD_SESSION_TOKEN", None)
+        env["AGENTD_SOCKET"] = str(self.sandbox_socket if token else self.admin_socket)
+        if token:
+            env["AGENTD_SESSION_TOKEN"] = token
+        return env
+
+    def session_path(self, session_id: str) -> Path:
+        return self.cgroup_root / "sessions" / session_id
+
+    def records_lines(self) -> list[str]:
+        return self.records.read_text().splitlines() if self.records.exists() else []
+
+
+def spawn_in(cgroup: Path, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start a process that moves itself into `cgroup` before it execs (as a container runtime would)."""
+    procs = str(cgroup / "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write("0")
+
+    return subprocess.Popen(list(argv), preexec_fn=enter, **kwargs)
+
+
+def rpc_error(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
+    """Call an RPC that must fail; return the error."""
+    try:
+        fn(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError("the call succeeded but was expected to fail")
+
+
+def create_session(client: Client, session_id: str = "", **spec: Any) -> tuple[str, str]:
+    reply = client.call("CreateSession", pb.CreateSessionRequest(spec=pb.SessionSpec(id=session_id, **spec)))
+    return reply.session.spec.id, reply.token
+
+
+def wait_for(predicate: Any, timeout: float = 5.0 * SLOW, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")

@@ -1,0 +1,110 @@
+"""Restart safety: SIGKILL the daemon mid-flight; the next start adopts, finalises and removes, losing nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+from support import Daemon, create_session, spawn_in, wait_for
+
+from agentd.api.gen import agentd_pb2 as pb
+from agentd.kernel import cgroupfs
+
+
+def test_sigkill_and_restart_loses_nothing(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory(api={"exit_report_grace_seconds": 0.5}).start()
+    with d.admin() as admin:
+        sid, token = create_session(admin, "survivor", priority=pb.PRIORITY_HIGH)
+        agent = spawn_in(d.session_path(sid) / "agent", ["sleep", "300"])
+        running = admin.begin(pb.Intent(tool="long", timeout_seconds=600), sid, report_exit=False)
+        long_pid = admin.spawn(running, ["sleep", "300"])
+        ending = admin.begin(pb.Intent(tool="ends-while-down"), sid, report_exit=False)
+        # Stopped until the daemon is gone, then exits on its own while nobody watches.
+        read_fd, write_fd = os.pipe()
+        os.set_inheritable(read_fd, True)
+        short_pid = admin.spawn(ending, [sys.executable, "-c", f"import os; os.read({read_fd}, 1)"])
+        os.close(read_fd)
+        pending = admin.begin(pb.Intent(tool="never-joined"), sid)
+        timing = admin.begin(pb.Intent(tool="times-out-after-restart", timeout_seconds=3), sid, report_exit=False)
+        timing_pid = admin.spawn(timing, ["sleep", "300"])
+
+    d.kill9()
+    os.write(write_fd, b"x")
+    os.close(write_fd)
+    os.waitpid(short_pid, 0)
+    stray = d.session_path(sid) / "tc-unlabelled"
+    stray.mkdir()  # an unlabelled empty leftover, e.g. a crash between mkdir and label
+    records_before = len(d.records_lines())
+
+    d.start()
+    with d.admin() as admin:
+        assert not stray.exists()
+        # The call that ended while the daemon was down got its record (exit status unknown: EXITED).
+        ended = admin.wait(ending.call_id, timeout=10)
+        assert ended.outcome == pb.OUTCOME_EXITED
+        assert admin.wait(pending.call_id, timeout=10).outcome == pb.OUTCOME_CANCELLED
+        # The running call was adopted: visible, still timed, still ends through the kernel notification.
+        info = admin.call("GetToolCall", pb.ToolCallRequest(call_id=running.call_id))
+        assert info.state == pb.CALL_STATE_RUNNING and long_pid in info.pids
+        assert admin.wait(timing.call_id, timeout=30).outcome == pb.OUTCOME_TIMEOUT
+        os.waitpid(timing_pid, 0)
+        os.kill(long_pid, signal.SIGTERM)
+        os.waitpid(long_pid, 0)
+        assert admin.wait(running.call_id, timeout=10).outcome == pb.OUTCOME_EXITED
+        # The session (and its token) survived; the agent process was never touched.
+        assert agent.poll() is None
+        with d.sandbox(token) as sandbox:
+            assert sandbox.call("GetSession", pb.GetSessionRequest()).spec.priority == pb.PRIORITY_HIGH
+        ids = [json.loads(line)["call_id"] for line in d.records_lines()]
+        assert len(ids) == len(set(ids)), "a call was recorded twice"
+        assert {ending.call_id, pending.call_id, timing.call_id, running.call_id} <= set(ids)
+        assert len(ids) == records_before + 4
+        admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))
+    agent.wait(5)
+    assert sorted(p.name for p in cgroupfs.children(d.cgroup_root / "sessions")) == []
+
+
+def test_recorded_but_not_removed_is_not_recorded_twice(daemon_factory: Callable[..., Daemon]) -> None:
+    """A crash between the record and rmdir: the restart removes the cgroup without a second record."""
+    d = daemon_factory().start()
+    with d.admin() as admin:
+        sid, _ = create_session(admin, "twice")
+        done = admin.run(["true"], sid)
+    d.kill9()
+    leftover = d.session_path(sid) / f"tc-{done.result.call_id}"
+    leftover.mkdir()
+    label = {"v": 1, "id": done.result.call_id, "session": sid, "intent": {"tool": "true"}, "digest": "",
+             "limits": {"memory_high": 1, "memory_max": 1, "cpu_weight": 100, "cpu_max_millicores": 0,
+                        "pids_max": 1, "timeout_seconds": 1.0, "network": 1},
+             "created": 1.0, "started": 1.0, "report_exit": False, "confined": False, "implicit": False,
+             "not_enforced": []}
+    os.setxattr(leftover, "user.agentd.call", json.dumps(label).encode())
+    before = d.records_lines()
+    d.start()
+    wait_for(lambda: not leftover.exists())
+    assert d.records_lines() == before
+
+
+def test_stop_leaves_sessions_for_the_next_start(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory().start()
+    with d.admin() as admin:
+        sid, _ = create_session(admin, "kept")
+    assert d.stop() == 0
+    assert d.session_path(sid).is_dir()
+    for sock in (d.admin_socket, d.sandbox_socket, d.join_socket):
+        assert not sock.exists()
+    d.start()
+    with d.admin() as admin:
+        assert [s.spec.id for s in admin.call("ListSessions", pb.ListSessionsRequest()).sessions] == [sid]
+
+
+def test_second_daemon_on_the_same_socket_refuses(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory().start()
+    again = subprocess.run([sys.executable, "-m", "agentd.daemon", "--config", str(d.config)],
+                           capture_output=True, text=True, env=d.env(), timeout=60)
+    assert again.returncode == 1 and "already listening" in again.stderr
+    assert d.admin_socket.exists()
