@@ -6,7 +6,7 @@ GEN := agentd/api/gen
 ARGS ?=
 
 APT_PACKAGES := python3 python3-venv python3-dev build-essential make git clang llvm libbpf-dev bpftool \
-	libbpf1 iproute2 procps util-linux
+	libbpf1 iproute2 procps util-linux systemd
 
 .PHONY: setup apt venv proto bpf test test-host test-kernel lint clean
 

@@ -1,0 +1,183 @@
+"""Tool-call lifecycle cost through agentd's real gRPC + join path, next to raw cgroup operations.
+
+Per call: BeginToolCall, fork a child that joins the call (SO_PEERCRED placement) and execs /bin/true,
+wait for it, EndToolCall (returns after the cgroup's accounting is read, the record synced and the cgroup
+removed). The daemon's share = Begin RPC + the child's join round trip + End RPC; the tool's own runtime is
+excluded. Raw: mkdir, the child writes itself into cgroup.procs, exec /bin/true, rmdir.
+
+    python bench/lifecycle.py [--calls 2000] [--clients 8] [--socket /run/agentd/admin.sock --session S]
+
+Without --socket it starts its own daemon on a temporary socket and cgroup root, and removes them after.
+Last line: p50_ms=<x> p99_ms=<y> calls_per_s=<z> raw_ratio=<r>
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+TRUE = "/bin/true"
+_F = struct.Struct("d")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def agentd_calls(socket_path: str, session: str, calls: int) -> list[float]:
+    """Run `calls` tool calls one after another; return the daemon's share of each, in seconds."""
+    from agentd.api.gen import agentd_pb2 as pb
+    from agentd.api.join import join
+    from agentd.client import Client
+
+    shares = []
+    intent = pb.Intent(tool="true", argv=[TRUE])
+    with Client(socket_path) as client:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            begun = client.begin(intent, session)
+            t1 = time.perf_counter()
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                start = time.perf_counter()
+                join(begun.join_socket, begun.join_token)
+                os.write(write_fd, _F.pack(time.perf_counter() - start))
+                os.execv(TRUE, [TRUE])
+            os.close(write_fd)
+            joined = _F.unpack(os.read(read_fd, _F.size))[0]
+            os.close(read_fd)
+            _, status = os.waitpid(pid, 0)
+            t2 = time.perf_counter()
+            result = client.end(begun.call_id, status)
+            t3 = time.perf_counter()
+            assert result.outcome == pb.OUTCOME_OK, result
+            shares.append((t1 - t0) + joined + (t3 - t2))
+    return shares
+
+
+def raw_calls(parent: Path, calls: int) -> list[float]:
+    """The same sequence as bare cgroup operations: mkdir, write cgroup.procs (in the child), rmdir."""
+    shares = []
+    for i in range(calls):
+        path = parent / f"raw-{i}"
+        t0 = time.perf_counter()
+        os.mkdir(path)
+        t1 = time.perf_counter()
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            start = time.perf_counter()
+            fd = os.open(path / "cgroup.procs", os.O_WRONLY)
+            os.write(fd, b"0")
+            os.close(fd)
+            os.write(write_fd, _F.pack(time.perf_counter() - start))
+            os.execv(TRUE, [TRUE])
+        os.close(write_fd)
+        moved = _F.unpack(os.read(read_fd, _F.size))[0]
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+        t2 = time.perf_counter()
+        while True:
+            try:
+                os.rmdir(path)
+                break
+            except OSError:  # the exited child may not have left the cgroup yet
+                time.sleep(0)
+        t3 = time.perf_counter()
+        shares.append((t1 - t0) + moved + (t3 - t2))
+    return shares
+
+
+def _worker(args: tuple[str, str, int]) -> list[float]:
+    return agentd_calls(*args)
+
+
+def concurrent(socket_path: str, session: str, calls: int, clients: int) -> tuple[float, list[float]]:
+    """`clients` processes share `calls`; return (calls per second, all shares)."""
+    ctx = multiprocessing.get_context("spawn")
+    per = max(1, calls // clients)
+    with ctx.Pool(clients) as pool:
+        pool.map(_worker, [(socket_path, session, 5)] * clients)  # warm-up: imports, channels
+        start = time.perf_counter()
+        shares = pool.map(_worker, [(socket_path, session, per)] * clients)
+        elapsed = time.perf_counter() - start
+    flat = [s for chunk in shares for s in chunk]
+    return len(flat) / elapsed, flat
+
+
+def row(name: str, values: list[float]) -> str:
+    ms = [v * 1e3 for v in values]
+    return (f"{name:<34} {len(ms):>6} {percentile(ms, 0.5):>9.3f} {percentile(ms, 0.99):>9.3f} "
+            f"{max(ms):>9.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--socket", help="use a running agentd's admin socket instead of starting one")
+    parser.add_argument("--session", default="", help="session to use with --socket (created if empty)")
+    args = parser.parse_args()
+
+    from support import Daemon, create_session
+
+    from agentd.api.gen import agentd_pb2 as pb
+    from agentd.client import Client
+    from agentd.kernel import cgroupfs
+
+    daemon = None
+    workdir = tempfile.TemporaryDirectory(prefix="agentd-bench-")
+    try:
+        if args.socket:
+            socket_path = args.socket
+        else:
+            daemon = Daemon(Path(workdir.name), metrics={"address": ""}, daemon={"log_level": "info"}).start()
+            socket_path = str(daemon.admin_socket)
+        with Client(socket_path) as admin:
+            session = args.session or create_session(admin, f"bench-{os.getpid()}")[0]
+            sessions_root = Path(admin.call("GetSession", pb.GetSessionRequest(session_id=session)).cgroup)
+        agentd_calls(socket_path, session, 50)  # warm-up
+        sequential = agentd_calls(socket_path, session, args.calls)
+        raw_dir = sessions_root.parent.parent / f"bench-raw-{os.getpid()}"
+        os.mkdir(raw_dir)
+        try:
+            raw_calls(raw_dir, 50)
+            raw = raw_calls(raw_dir, args.calls)
+        finally:
+            cgroupfs.remove_tree(raw_dir)
+        rate, loaded = concurrent(socket_path, session, args.calls, args.clients)
+        if not args.session:
+            with Client(socket_path) as admin:
+                admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=session))
+    finally:
+        if daemon is not None:
+            daemon.stop()
+            daemon.cleanup()
+        workdir.cleanup()
+
+    p50, p99 = percentile(sequential, 0.5) * 1e3, percentile(sequential, 0.99) * 1e3
+    ratio = percentile(sequential, 0.5) / percentile(raw, 0.5)
+    print(f"{'per-call share (ms)':<34} {'calls':>6} {'p50':>9} {'p99':>9} {'max':>9}")
+    print(row("agentd, 1 client", sequential))
+    print(row(f"agentd, {args.clients} clients", loaded))
+    print(row("raw cgroup ops, 1 client", raw))
+    print(f"throughput with {args.clients} clients: {rate:.0f} calls/s (incl. fork+exec of {TRUE})")
+    print(f"agentd/raw p50 ratio: {ratio:.1f}x")
+    print(f"p50_ms={p50:.3f} p99_ms={p99:.3f} calls_per_s={rate:.0f} raw_ratio={ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
