@@ -94,3 +94,15 @@ def test_sandboxed_agentctl_run_from_the_agent_leaf(daemon: Daemon, session: tup
     outside = subprocess.run([*AGENTCTL, "run", "--", "true"], env=daemon.env(token), capture_output=True,
                              timeout=60)
     assert outside.returncode == 126 and b"PERMISSION_DENIED" in outside.stderr
+
+
+def test_health_service_on_both_sockets(daemon: Daemon) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for path, service in ((daemon.admin_socket, "agentd.v1.Admin"), (daemon.sandbox_socket, "agentd.v1.Sandbox")):
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", service):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -80,9 +80,10 @@ def test_recorded_but_not_removed_is_not_recorded_twice(daemon_factory: Callable
     label = {"v": 1, "id": done.result.call_id, "session": sid, "intent": {"tool": "true"}, "digest": "",
              "limits": {"memory_high": 1, "memory_max": 1, "cpu_weight": 100, "cpu_max_millicores": 0,
                         "pids_max": 1, "timeout_seconds": 1.0, "network": 1},
-             "created": 1.0, "started": 1.0, "report_exit": False, "confined": False, "implicit": False,
+             "created": 1.0, "report_exit": False, "confined": False, "implicit": False,
              "not_enforced": []}
     os.setxattr(leftover, "user.agentd.call", json.dumps(label).encode())
+    os.setxattr(leftover, "user.agentd.started", b"1.0")
     before = d.records_lines()
     d.start()
     wait_for(lambda: not leftover.exists())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from agentd.core.config import Config
@@ -59,8 +59,9 @@ class Intent:
     labels: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
-        data = asdict(self)
+        data = dict(vars(self))
         data["argv"] = list(self.argv)
+        data["labels"] = dict(self.labels)
         return data
 
     @staticmethod
@@ -98,7 +99,7 @@ class Limits:
         return knobs
 
     def to_json(self) -> dict[str, object]:
-        return asdict(self)
+        return dict(vars(self))
 
 
 CPU_PERIOD_US = 100_000

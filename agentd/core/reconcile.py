@@ -69,7 +69,7 @@ def _reconcile_call(engine: Engine, path: Path, report: Report) -> None:
         _remove_if_empty(path, report)
         return
     try:
-        call = ToolCall.from_label(raw, path, cgroupfs.cgroup_id(path))
+        call = ToolCall.from_label(raw, cgroupfs.get_label(path, "started"), path, cgroupfs.cgroup_id(path))
     except (ValueError, KeyError, TypeError) as exc:
         log.error("unreadable call label", extra={"cgroup": str(path), "error": str(exc)})
         _remove_if_empty(path, report)

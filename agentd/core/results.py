@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -84,10 +84,12 @@ class Result:
     kill_reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = dict(vars(self))
         data["outcome"] = self.outcome.name
         data["argv"] = list(self.argv)
         data["not_enforced"] = list(self.not_enforced)
+        data["limits"] = self.limits.to_json()
+        data["exit_status"] = vars(self.exit_status) if self.exit_status is not None else None
         return data
 
     @staticmethod

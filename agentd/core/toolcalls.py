@@ -58,6 +58,7 @@ class ToolCall:
     freeze_waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def label(self) -> bytes:
+        """The call's identity and limits; the start time is a label of its own ("started"), written at join."""
         data: dict[str, Any] = {
             "v": 1,
             "id": self.id,
@@ -66,7 +67,6 @@ class ToolCall:
             "digest": self.intent.digest(),
             "limits": self.limits.to_json(),
             "created": self.created,
-            "started": self.started,
             "report_exit": self.report_exit,
             "confined": self.confined,
             "implicit": self.implicit,
@@ -75,7 +75,7 @@ class ToolCall:
         return json.dumps(data, separators=(",", ":")).encode()
 
     @staticmethod
-    def from_label(raw: bytes, path: Path, cgroup_id: int) -> ToolCall:
+    def from_label(raw: bytes, started: bytes | None, path: Path, cgroup_id: int) -> ToolCall:
         data = json.loads(raw)
         if data.get("v") != 1:
             raise ValueError(f"unknown call label version {data.get('v')!r}")
@@ -92,7 +92,7 @@ class ToolCall:
             implicit=bool(data["implicit"]),
             not_enforced=tuple(data["not_enforced"]),
         )
-        call.started = float(data["started"])
+        call.started = float(started) if started else 0.0
         call.state = CallState.RUNNING if call.started else CallState.PENDING
         return call
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentd.kernel import psi
-
 SCHED_EXT_STATE = Path("/sys/kernel/sched_ext/state")
 
 
@@ -35,7 +33,3 @@ class Capabilities:
 
 def probe_sched_ext() -> bool:
     return SCHED_EXT_STATE.exists()
-
-
-def probe_psi(cgroup: Path) -> bool:
-    return psi.triggers_supported(cgroup)

@@ -1,0 +1,168 @@
+"""Process lifecycle (fork, exec, exit) of managed cgroups, reported by bpf/lifecycle.bpf.c.
+
+The kernel side drops events of cgroups not added with add_cgroup(). Forks are new processes (not
+threads) and report the child; exits are thread-group leaders' (a leader that ends with pthread_exit
+while other threads run is reported then). Exec events carry what a capture rule needs: the new comm,
+the exec'd filename, the start of argv and the parent's pid and comm. Timestamps are CLOCK_MONOTONIC ns
+(time.monotonic_ns()).
+
+Wakeups: only an exec in an AGENT_LEAF cgroup makes epoll_fd() readable at once. Other events are
+batched, since a wakeup costs more than the tracing itself: they make it readable once 64 KiB are
+pending, and otherwise wait for the next consume(). Every event is in the buffer before the process
+that caused it moves on (a parent's wait() for an exit returns after the exit event, and so does a
+cgroup becoming unpopulated), so call consume() before acting on such a state change.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+from agentd.kernel.bpf import object_path
+from agentd.kernel.bpf.libbpf import BpfObject, Closing
+
+_PROGRAMS = ("on_fork", "on_exec", "on_exit")
+_KEY = struct.Struct("<Q")  # cgroup id
+_MANAGED = struct.Struct("<I4xQQQ")  # struct managed_cgroup: flags, forks, execs, exits
+_LOST = struct.Struct("<Q")
+_HEADER = struct.Struct("<B3xIQQIIII16s16s")  # struct event
+_EXEC = struct.Struct("<I4x256s256s")  # rest of struct exec_event: args_size, filename, args
+
+
+class EventType(enum.IntEnum):
+    FORK = 1
+    EXEC = 2
+    EXIT = 3
+
+
+class CgroupKind(enum.IntFlag):
+    AGENT_LEAF = 1  # execs here wake the consumer at once
+    TOOL_CALL = 2
+
+
+class ProcessCounters(NamedTuple):
+    forks: int
+    execs: int
+    exits: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessEvent:
+    type: EventType
+    timestamp_ns: int
+    cgroup_id: int
+    cgroup_kind: CgroupKind
+    pid: int  # FORK: the child
+    tgid: int
+    ppid: int  # the parent process (real_parent's tgid)
+    comm: str  # EXEC: the new comm
+    parent_comm: str
+    wait_status: int = 0  # EXIT: the kernel's exit_code, a wait(2) status
+    filename: str = ""  # EXEC: the path given to execve
+    argv: tuple[str, ...] = ()  # EXEC: the first 256 bytes of argv
+    argv_truncated: bool = False
+
+    @property
+    def exit_code(self) -> int | None:
+        """EXIT by exit(2): the status; otherwise None."""
+        if self.type is EventType.EXIT and os.WIFEXITED(self.wait_status):
+            return os.WEXITSTATUS(self.wait_status)
+        return None
+
+    @property
+    def signal(self) -> int | None:
+        """EXIT by a signal: its number; otherwise None."""
+        if self.type is EventType.EXIT and os.WIFSIGNALED(self.wait_status):
+            return os.WTERMSIG(self.wait_status)
+        return None
+
+
+def decode_event(record: bytes) -> ProcessEvent:
+    """Decode one ring buffer record (struct event, or struct exec_event for EXEC)."""
+    kind, flags, ts_ns, cgroup_id, pid, tgid, ppid, status, comm, parent_comm = _HEADER.unpack_from(record)
+    event = ProcessEvent(
+        EventType(kind), ts_ns, cgroup_id, CgroupKind(flags), pid, tgid, ppid, _text(comm), _text(parent_comm)
+    )
+    if event.type is EventType.EXIT:
+        return replace(event, wait_status=status)
+    if event.type is EventType.EXEC:
+        args_size, filename, args = _EXEC.unpack_from(record, _HEADER.size)
+        argv = args[: min(args_size, len(args))].split(b"\0")
+        if argv and not argv[-1]:
+            argv.pop()  # the terminating NUL of the last argument
+        return replace(
+            event,
+            filename=_text(filename),
+            argv=tuple(arg.decode(errors="replace") for arg in argv),
+            argv_truncated=args_size > len(args),
+        )
+    return event
+
+
+class LifecycleTracker(Closing):
+    """Loads bpf/lifecycle.bpf.o, attaches its tracepoints and consumes its events. Register epoll_fd()
+    with the event loop and call consume() when it is readable. BpfError if the object is missing or does
+    not load."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._obj = BpfObject(path or object_path("lifecycle"))
+        self._pending: list[ProcessEvent] = []
+        try:
+            self._managed = self._obj.map("managed", _KEY.size, _MANAGED.size)
+            self._lost = self._obj.map("lost_events", 4, _LOST.size)
+            self._ring = self._obj.ring_buffer("events", self._on_record)
+            for program in _PROGRAMS:
+                self._obj.attach(program)
+        except BaseException:
+            self._obj.close()
+            raise
+
+    def add_cgroup(self, cgroup_id: int, kind: CgroupKind) -> None:
+        """Report this cgroup's processes from now on (its counters start at zero)."""
+        self._managed.update(_KEY.pack(cgroup_id), _MANAGED.pack(kind, 0, 0, 0))
+
+    def remove_cgroup(self, cgroup_id: int) -> bool:
+        """Stop reporting the cgroup and drop its counters; False if it was not managed."""
+        return self._managed.delete(_KEY.pack(cgroup_id))
+
+    def counters(self, cgroup_id: int) -> ProcessCounters | None:
+        """Forks, execs and exits seen in a managed cgroup since add_cgroup(); None if not managed."""
+        value = self._managed.lookup(_KEY.pack(cgroup_id))
+        return None if value is None else ProcessCounters(*_MANAGED.unpack(value)[1:])
+
+    def all_counters(self) -> dict[int, ProcessCounters]:
+        """counters() of every managed cgroup, by cgroup id."""
+        return {
+            _KEY.unpack(key)[0]: ProcessCounters(*_MANAGED.unpack(value)[1:])
+            for key, value in self._managed.items()
+        }
+
+    def lost(self) -> int:
+        """Events dropped because the ring buffer was full (the counters still include them)."""
+        value = self._lost.lookup(bytes(4))
+        return _LOST.unpack(value)[0] if value is not None else 0
+
+    def epoll_fd(self) -> int:
+        """Readable when an exec in an agent leaf, or a 64 KiB backlog of events, is waiting."""
+        return self._ring.epoll_fd()
+
+    def consume(self) -> list[ProcessEvent]:
+        """The events waiting now, oldest first; never blocks."""
+        self._ring.consume()
+        events, self._pending = self._pending, []
+        return events
+
+    def close(self) -> None:
+        """Detach the programs and free everything. Idempotent."""
+        self._obj.close()
+
+    def _on_record(self, record: bytes) -> None:
+        self._pending.append(decode_event(record))
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")

@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Process lifecycle of the cgroups agentd manages: fork, exec and exit events through a ring buffer,
+ * per-cgroup counters, and a count of events lost to a full ring buffer.
+ *
+ * Only cgroup ids present in the `managed` map are reported; everything else is dropped here after one
+ * hash lookup. Threads are ignored: forks count new processes (child pid == tgid) and exits count
+ * thread-group leaders. The layouts below are decoded by agentd/kernel/bpf/lifecycle.py.
+ *
+ * Waking the consumer costs more than everything else here (an irq_work self-IPI, expensive in VMs, and
+ * a context switch), so only execs in agent leaves, which auto-capture must act on at once, wake it.
+ * Other events wait for the consumer's next read, or wake it once WAKEUP_BYTES are pending.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define TASK_COMM_LEN 16
+#define FILENAME_LEN 256
+#define ARGS_LEN 256
+#define WAKEUP_BYTES (64 << 10)
+#define CGROUP_AGENT_LEAF 1 /* in managed_cgroup.flags */
+
+enum event_type { EV_FORK = 1, EV_EXEC = 2, EV_EXIT = 3 };
+
+/* Value of `managed`: flags set by agentd, counters updated here with atomic adds. */
+struct managed_cgroup {
+	__u32 flags;
+	__u32 _pad;
+	__u64 forks;
+	__u64 execs;
+	__u64 exits;
+};
+
+struct event {
+	__u8 type;
+	__u8 _pad[3];
+	__u32 cgroup_flags;
+	__u64 ts_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cgroup_id;
+	__u32 pid; /* fork: the child */
+	__u32 tgid;
+	__u32 ppid; /* real_parent's tgid */
+	__u32 exit_code; /* exit: task->exit_code, a wait(2) status; else 0 */
+	char comm[TASK_COMM_LEN];
+	char parent_comm[TASK_COMM_LEN];
+};
+
+struct exec_event {
+	struct event base;
+	__u32 args_size; /* full size of the NUL-separated argv; at most ARGS_LEN bytes are copied */
+	__u32 _pad;
+	char filename[FILENAME_LEN];
+	char args[ARGS_LEN];
+};
+
+_Static_assert(sizeof(struct event) == 72, "python decoder expects 72 bytes");
+_Static_assert(sizeof(struct exec_event) == 72 + 8 + FILENAME_LEN + ARGS_LEN, "python decoder layout");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct managed_cgroup);
+} managed SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lost_events SEC(".maps");
+
+static __always_inline void *reserve(__u64 size)
+{
+	void *record = bpf_ringbuf_reserve(&events, size, 0);
+
+	if (!record) {
+		__u32 zero = 0;
+		__u64 *lost = bpf_map_lookup_elem(&lost_events, &zero);
+
+		if (lost)
+			__sync_fetch_and_add(lost, 1);
+	}
+	return record;
+}
+
+static __always_inline void submit(void *record, bool urgent)
+{
+	bool backlog = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES;
+
+	bpf_ringbuf_submit(record, urgent || backlog ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline void fill(struct event *e, __u8 type, struct task_struct *task, __u64 cgroup_id,
+				 __u32 cgroup_flags)
+{
+	struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+
+	e->type = type;
+	e->_pad[0] = e->_pad[1] = e->_pad[2] = 0;
+	e->cgroup_flags = cgroup_flags;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = cgroup_id;
+	e->pid = BPF_CORE_READ(task, pid);
+	e->tgid = BPF_CORE_READ(task, tgid);
+	e->ppid = BPF_CORE_READ(parent, tgid);
+	e->exit_code = 0;
+	BPF_CORE_READ_STR_INTO(&e->comm, task, comm);
+	BPF_CORE_READ_STR_INTO(&e->parent_comm, parent, comm);
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
+{
+	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
+		return 0; /* a new thread */
+
+	/* The child's cgroup, not current's: clone3(CLONE_INTO_CGROUP) places it elsewhere. */
+	__u64 cgroup_id = BPF_CORE_READ(child, cgroups, dfl_cgrp, kn, id);
+	struct managed_cgroup *m = bpf_map_lookup_elem(&managed, &cgroup_id);
+
+	if (!m)
+		return 0;
+	__sync_fetch_and_add(&m->forks, 1);
+
+	struct event *e = reserve(sizeof(*e));
+
+	if (!e)
+		return 0;
+	fill(e, EV_FORK, child, cgroup_id, m->flags);
+	submit(e, false);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	struct managed_cgroup *m = bpf_map_lookup_elem(&managed, &cgroup_id);
+
+	if (!m)
+		return 0;
+	__sync_fetch_and_add(&m->execs, 1);
+
+	struct exec_event *e = reserve(sizeof(*e));
+
+	if (!e)
+		return 0;
+	fill(&e->base, EV_EXEC, task, cgroup_id, m->flags);
+	e->_pad = 0;
+	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), BPF_CORE_READ(bprm, filename));
+
+	/* argv was just copied onto the new stack, so the pages are present. */
+	unsigned long arg_start = BPF_CORE_READ(task, mm, arg_start);
+	unsigned long arg_end = BPF_CORE_READ(task, mm, arg_end);
+	__u64 size = arg_end - arg_start; /* 64-bit, so the verifier sees the clamp on the passed register */
+
+	e->args_size = size;
+	if (size > ARGS_LEN)
+		size = ARGS_LEN;
+	if (bpf_probe_read_user(e->args, size, (void *)arg_start))
+		e->args_size = 0;
+	submit(e, e->base.cgroup_flags & CGROUP_AGENT_LEAF);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(on_exit, struct task_struct *task)
+{
+	if (BPF_CORE_READ(task, pid) != BPF_CORE_READ(task, tgid))
+		return 0; /* a thread other than the leader */
+
+	/* The old leader killed by a non-leader thread's execve (de_thread) is not a process exit. */
+	if (bpf_core_field_exists(task->signal->group_exec_task)) {
+		struct task_struct *exec_task = BPF_CORE_READ(task, signal, group_exec_task);
+
+		if (exec_task && exec_task != task)
+			return 0;
+	}
+
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	struct managed_cgroup *m = bpf_map_lookup_elem(&managed, &cgroup_id);
+
+	if (!m)
+		return 0;
+	__sync_fetch_and_add(&m->exits, 1);
+
+	struct event *e = reserve(sizeof(*e));
+
+	if (!e)
+		return 0;
+	fill(e, EV_EXIT, task, cgroup_id, m->flags);
+	e->exit_code = BPF_CORE_READ(task, exit_code);
+	submit(e, false);
+	return 0;
+}

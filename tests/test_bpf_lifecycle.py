@@ -1,0 +1,158 @@
+"""The lifecycle programs on this host's kernel: events of managed cgroups arrive with the right pids,
+parents, cgroup and exit status; other cgroups are filtered in the kernel; an exec in an agent leaf wakes
+the ring buffer's epoll fd at once, other events only once a backlog builds up."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bpf_support import Cgroups, popen_in_cgroup, requires_root
+
+from agentd.kernel.bpf import cgroup_id
+from agentd.kernel.bpf.lifecycle import CgroupKind, EventType, LifecycleTracker, ProcessCounters
+
+pytestmark = requires_root
+
+EXIT_3 = ["/bin/sh", "-c", "/bin/true; exit 3"]  # the shell forks and execs /bin/true, then exits 3
+KILLED = ["/bin/sh", "-c", "kill -USR1 $$"]
+
+
+@pytest.fixture
+def tracker() -> Iterator[LifecycleTracker]:
+    with LifecycleTracker() as lifecycle:
+        yield lifecycle
+
+
+@pytest.fixture
+def cgroups() -> Iterator[Cgroups]:
+    with Cgroups() as made:
+        yield made
+
+
+def run(cgroup: Path, argv: list[str]) -> int:
+    """Run argv in cgroup to completion; its events are all in the ring buffer when this returns."""
+    process = popen_in_cgroup(cgroup, argv)
+    process.wait(timeout=10)
+    return process.pid
+
+
+def readable(tracker: LifecycleTracker, timeout: float = 0.0) -> bool:
+    return bool(select.select([tracker.epoll_fd()], [], [], timeout)[0])
+
+
+def test_managed_events_arrive_and_unmanaged_are_filtered(
+    tracker: LifecycleTracker, cgroups: Cgroups
+) -> None:
+    managed, unmanaged = cgroups.make(), cgroups.make()
+    managed_id = cgroup_id(managed)
+    tracker.add_cgroup(managed_id, CgroupKind.TOOL_CALL)
+    started_ns = time.monotonic_ns()
+
+    quiet = {run(unmanaged, EXIT_3), run(unmanaged, KILLED)}
+    shell, killed = run(managed, EXIT_3), run(managed, KILLED)
+    assert not readable(tracker)  # a tool call's events are batched
+    events = tracker.consume()
+
+    assert {e.cgroup_id for e in events} == {managed_id}
+    assert not quiet & {e.pid for e in events} and not quiet & {e.ppid for e in events}
+    assert all(e.cgroup_kind is CgroupKind.TOOL_CALL for e in events)
+    assert all(started_ns <= e.timestamp_ns <= time.monotonic_ns() for e in events)
+
+    (fork,) = [e for e in events if e.type is EventType.FORK]
+    true = fork.pid
+    assert (fork.ppid, fork.tgid, fork.comm, fork.parent_comm) == (shell, true, "sh", "sh")
+    by_key = {(e.type, e.pid): e for e in events}
+    assert len(by_key) == len(events) == 7
+
+    shell_exec = by_key[EventType.EXEC, shell]
+    assert (shell_exec.ppid, shell_exec.comm, shell_exec.filename) == (os.getpid(), "sh", "/bin/sh")
+    assert shell_exec.argv == tuple(EXIT_3) and not shell_exec.argv_truncated
+    true_exec = by_key[EventType.EXEC, true]
+    assert (true_exec.ppid, true_exec.parent_comm, true_exec.comm, true_exec.argv) == (
+        shell,
+        "sh",
+        "true",
+        ("/bin/true",),
+    )
+    assert fork.timestamp_ns < true_exec.timestamp_ns < by_key[EventType.EXIT, true].timestamp_ns
+
+    assert (by_key[EventType.EXIT, true].exit_code, by_key[EventType.EXIT, true].signal) == (0, None)
+    shell_exit = by_key[EventType.EXIT, shell]
+    assert (shell_exit.exit_code, shell_exit.signal, shell_exit.ppid) == (3, None, os.getpid())
+    killed_exit = by_key[EventType.EXIT, killed]
+    assert (killed_exit.exit_code, killed_exit.signal) == (None, signal.SIGUSR1)
+    assert by_key[EventType.EXEC, killed].argv == tuple(KILLED)
+
+    assert tracker.counters(managed_id) == ProcessCounters(forks=1, execs=3, exits=3)
+    assert tracker.counters(cgroup_id(unmanaged)) is None
+    assert tracker.lost() == 0
+
+
+def test_exec_in_agent_leaf_wakes_the_consumer(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+    leaf = cgroups.make()
+    tracker.add_cgroup(cgroup_id(leaf), CgroupKind.AGENT_LEAF)
+    argv = ["/bin/sleep", "30"]
+    sleeper = popen_in_cgroup(leaf, argv)
+    try:
+        assert readable(tracker, timeout=5)  # while the process still runs
+        (execed,) = tracker.consume()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert (execed.type, execed.pid, execed.comm) == (EventType.EXEC, sleeper.pid, "sleep")
+    assert (execed.filename, execed.argv, execed.cgroup_kind) == (argv[0], tuple(argv), CgroupKind.AGENT_LEAF)
+
+
+def test_a_backlog_wakes_the_consumer(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+    call = cgroups.make()
+    tracker.add_cgroup(cgroup_id(call), CgroupKind.TOOL_CALL)
+    run(call, ["/bin/sh", "-c", 'i=0; while [ "$i" -lt 600 ]; do (exit 0); i=$((i + 1)); done'])
+    assert readable(tracker)  # 1,200 events of 80 bytes passed the 64 KiB mark
+    events = tracker.consume()
+    assert len(events) == 1 + 600 * 2 + 1 and tracker.lost() == 0
+    assert tracker.counters(cgroup_id(call)) == ProcessCounters(forks=600, execs=1, exits=601)
+
+
+def test_threads_are_not_processes(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+    """Thread creation is no fork; a process ended by exit_group from another thread is one exit of the
+    leader, with the status passed to exit_group."""
+    cgroup = cgroups.make()
+    tracker.add_cgroup(cgroup_id(cgroup), CgroupKind.TOOL_CALL)
+    script = (
+        "import os, threading; threading.Thread(target=os._exit, args=(7,)).start(); threading.Event().wait()"
+    )
+    pid = run(cgroup, [sys.executable, "-c", script])
+    events = tracker.consume()
+
+    assert [(e.type, e.pid) for e in events] == [(EventType.EXEC, pid), (EventType.EXIT, pid)]
+    assert events[1].exit_code == 7
+    assert tracker.counters(cgroup_id(cgroup)) == ProcessCounters(forks=0, execs=1, exits=1)
+
+
+def test_long_argv_is_truncated(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+    cgroup = cgroups.make()
+    tracker.add_cgroup(cgroup_id(cgroup), CgroupKind.TOOL_CALL)
+    run(cgroup, ["/bin/true", *(["x" * 50] * 10)])
+    (execed,) = [e for e in tracker.consume() if e.type is EventType.EXEC]
+    assert execed.argv_truncated and execed.argv[0] == "/bin/true" and execed.argv[1] == "x" * 50
+
+
+def test_removed_cgroups_are_no_longer_reported(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+    first, second = cgroups.make(), cgroups.make()
+    tracker.add_cgroup(cgroup_id(first), CgroupKind.AGENT_LEAF)
+    tracker.add_cgroup(cgroup_id(second), CgroupKind.TOOL_CALL)
+    assert set(tracker.all_counters()) == {cgroup_id(first), cgroup_id(second)}
+
+    assert tracker.remove_cgroup(cgroup_id(first))
+    assert not tracker.remove_cgroup(cgroup_id(first))
+    assert tracker.counters(cgroup_id(first)) is None
+    silent, reported = run(first, ["/bin/true"]), run(second, ["/bin/true"])
+    assert {e.pid for e in tracker.consume()} == {reported} != {silent}
+    assert tracker.all_counters() == {cgroup_id(second): ProcessCounters(forks=0, execs=1, exits=1)}
