@@ -143,7 +143,8 @@ def main() -> int:
         if args.socket:
             socket_path = args.socket
         else:
-            daemon = Daemon(Path(workdir.name), metrics={"address": ""}, daemon={"log_level": "info"}).start()
+            daemon = Daemon(Path(workdir.name), metrics={"address": ""})
+            daemon.start()
             socket_path = str(daemon.admin_socket)
         with Client(socket_path) as admin:
             session = args.session or create_session(admin, f"bench-{os.getpid()}")[0]

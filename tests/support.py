@@ -86,6 +86,8 @@ class Daemon:
             if b'"agentd ready"' in self.log.read_bytes()[offset:]:
                 return self
             time.sleep(0.02)
+        self.proc.kill()
+        self.proc.wait()
         raise RuntimeError(f"agentd did not become ready in {timeout} s:\n{self.log.read_text()}")
 
     def stop(self) -> int:
