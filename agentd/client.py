@@ -13,7 +13,6 @@ sandbox socket, confined to that session. Admin mode (no token): talks to the Ad
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,14 +22,13 @@ import grpc
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.gen import agentd_pb2_grpc as pb_grpc
-from agentd.api.join import JoinError, join
+from agentd.api.join import JoinError, Placement
 
 ADMIN_SOCKET = "/run/agentd/admin.sock"
 SANDBOX_SOCKET = "/run/agentd/sandbox.sock"
 TOKEN_METADATA = "x-agentd-session-token"
-# Exit codes of `agentctl run` when the command never ran (as a shell reports them).
+# Exit code of `agentctl run` when the command never ran (as a shell reports it).
 EXIT_NOT_STARTED = 126
-EXIT_NOT_FOUND = 127
 DEFAULT_TIMEOUT = -1.0  # sentinel: the client's default deadline
 
 
@@ -56,6 +54,7 @@ class Client:
         self.stub: Any = pb_grpc.SandboxStub(self.channel) if token else self.admin  # type: ignore[no-untyped-call]
         self.timeout = timeout
         self._metadata = ((TOKEN_METADATA, token),) if token else ()
+        self._placements: dict[str, Placement] = {}
 
     @staticmethod
     def from_env(socket_path: str | None = None) -> Client:
@@ -70,6 +69,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        for placement in self._placements.values():
+            placement.close()
         self.channel.close()
 
     def call(self, method: str, request: Any, timeout: float | None = DEFAULT_TIMEOUT, admin: bool = False) -> Any:
@@ -87,6 +88,17 @@ class Client:
         return response
 
     def end(self, call_id: str, wait_status: int | None) -> pb.ToolCallResult:
+        """Report the tool's wait status (None: unknown; a running call is then cancelled) and return the result.
+        A call placed by spawn() is ended on its join connection; otherwise, or if that connection broke (a
+        daemon restart), through EndToolCall."""
+        placement = self._placements.pop(call_id, None)
+        if placement is not None:
+            try:
+                return placement.end(call_id, wait_status)
+            except (OSError, JoinError):
+                pass
+            finally:
+                placement.close()
         request = pb.EndToolCallRequest(call_id=call_id)
         if wait_status is not None:
             request.has_exit_status = True
@@ -103,29 +115,30 @@ class Client:
         return result
 
     def spawn(self, begun: pb.BeginToolCallResponse, argv: Sequence[str]) -> int:
-        """Fork a child that joins the call (placed by the daemon before exec) and execs argv; return its pid."""
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: only raw syscalls from here on, no gRPC
-            os.close(read_fd)
-            try:
-                join(begun.join_socket, begun.join_token)
-            except (OSError, JoinError) as exc:
-                os.write(write_fd, f"agentd: could not join the tool call: {exc}\n".encode())
-                os._exit(EXIT_NOT_STARTED)
-            os.close(write_fd)
-            try:
-                os.execvp(argv[0], list(argv))
-            except OSError as exc:
-                sys.stderr.write(f"agentd: {argv[0]}: {exc.strerror}\n")
-                os._exit(EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_STARTED)
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as errors:
-            message = errors.read()  # EOF at exec (close-on-exec) or when the child gives up
-        if message:
+        """Start argv as the call's process: launched waiting, placed into the call by agentd (pidfd on the join
+        socket), then released to exec. Returns its pid."""
+        pid, go = launch(argv)
+        try:
+            self.place(begun, pid)
+        except BaseException:
+            os.close(go)  # the waiting child reads EOF and exits 126 without running argv
             os.waitpid(pid, 0)
-            raise RuntimeError(message.decode().strip())
+            raise
+        release(go)
         return pid
+
+    def place(self, begun: pb.BeginToolCallResponse, pid: int) -> None:
+        """Have agentd move process `pid` into the call; the join connection is kept for end()."""
+        placement = Placement(begun.join_socket)
+        pidfd = os.pidfd_open(pid)
+        try:
+            placement.place(begun.join_token, pidfd)
+        except (OSError, JoinError) as exc:
+            placement.close()
+            raise RunError(f"agentd: could not place the tool call's process: {exc}") from None
+        finally:
+            os.close(pidfd)
+        self._placements[begun.call_id] = placement
 
     def run(
         self,
@@ -142,9 +155,8 @@ class Client:
         begun = self.begin(intent, session_id)
         try:
             pid = self.spawn(begun, argv)
-        except RuntimeError as exc:
-            result = self.end(begun.call_id, None)
-            raise RunError(str(exc), result) from None
+        except RunError as exc:
+            raise RunError(str(exc), self.end(begun.call_id, None)) from None
         if on_spawn is not None:
             on_spawn(pid)
         _, status = os.waitpid(pid, 0)
@@ -156,6 +168,36 @@ class Client:
 class RunError(RuntimeError):
     """The command could not be started inside its tool call."""
 
-    def __init__(self, message: str, result: pb.ToolCallResult) -> None:
+    def __init__(self, message: str, result: pb.ToolCallResult | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+# The launched child is a shell that waits on fd 3 for "go" (sent once agentd has placed it), then execs the
+# command in place: the same pid, nothing run in between. posix_spawn (vfork) avoids copying the caller's
+# address space, and no Python runs in the child.
+_WAIT_THEN_EXEC = 'read -r go <&3 && [ "$go" = go ] || exit 126; exec 3<&-; exec "$@"'
+
+
+def launch(argv: Sequence[str]) -> tuple[int, int]:
+    """Start argv held before exec; returns (pid, fd to release it with)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.posix_spawn(
+            "/bin/sh", ["sh", "-c", _WAIT_THEN_EXEC, "sh", *argv], os.environ,
+            file_actions=[(os.POSIX_SPAWN_DUP2, read_fd, 3)],
+        )
+    except BaseException:
+        os.close(write_fd)
+        raise
+    finally:
+        os.close(read_fd)
+    return pid, write_fd
+
+
+def release(go: int) -> None:
+    """Let a launched child exec its command."""
+    try:
+        os.write(go, b"go\n")
+    finally:
+        os.close(go)

@@ -1,9 +1,10 @@
 """Tool-call lifecycle cost through agentd's real gRPC + join path, next to raw cgroup operations.
 
-Per call: BeginToolCall, fork a child that joins the call (SO_PEERCRED placement) and execs /bin/true,
-wait for it, EndToolCall (returns after the cgroup's accounting is read, the record synced and the cgroup
-removed). The daemon's share = Begin RPC + the child's join round trip + End RPC; the tool's own runtime is
-excluded. Raw: mkdir, the child writes itself into cgroup.procs, exec /bin/true, rmdir.
+Per call: BeginToolCall, launch a child held before exec, place it into the call by pidfd on the join socket,
+release it to exec /bin/true, wait for it, END on the join connection (answered after the cgroup's
+accounting is read, the record written and the cgroup removed). The daemon's share = Begin RPC + placement
+round trip + END round trip; launching and the tool's own runtime are excluded.
+Raw: mkdir, the child writes itself into cgroup.procs, exec /bin/true, rmdir.
 
     python bench/lifecycle.py [--calls 2000] [--clients 8] [--socket /run/agentd/admin.sock --session S]
 
@@ -36,10 +37,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def agentd_calls(socket_path: str, session: str, calls: int) -> list[float]:
-    """Run `calls` tool calls one after another; return the daemon's share of each, in seconds."""
+    """Run `calls` tool calls one after another; return the daemon's share of each, in seconds.
+
+    The steps of agentd.client's run(), timed one by one: BeginToolCall (gRPC), placing the launched child by
+    pidfd on the join socket (connect + JOIN), and END on that connection (answered after finalisation).
+    """
     from agentd.api.gen import agentd_pb2 as pb
-    from agentd.api.join import join
-    from agentd.client import Client
+    from agentd.client import Client, launch, release
 
     shares = []
     intent = pb.Intent(tool="true", argv=[TRUE])
@@ -48,23 +52,33 @@ def agentd_calls(socket_path: str, session: str, calls: int) -> list[float]:
             t0 = time.perf_counter()
             begun = client.begin(intent, session)
             t1 = time.perf_counter()
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                start = time.perf_counter()
-                join(begun.join_socket, begun.join_token)
-                os.write(write_fd, _F.pack(time.perf_counter() - start))
-                os.execv(TRUE, [TRUE])
-            os.close(write_fd)
-            joined = _F.unpack(os.read(read_fd, _F.size))[0]
-            os.close(read_fd)
-            _, status = os.waitpid(pid, 0)
+            pid, go = launch([TRUE])
             t2 = time.perf_counter()
-            result = client.end(begun.call_id, status)
+            client.place(begun, pid)
             t3 = time.perf_counter()
+            release(go)
+            _, status = os.waitpid(pid, 0)
+            t4 = time.perf_counter()
+            result = client.end(begun.call_id, status)
+            t5 = time.perf_counter()
             assert result.outcome == pb.OUTCOME_OK, result
-            shares.append((t1 - t0) + joined + (t3 - t2))
+            shares.append((t1 - t0) + (t3 - t2) + (t5 - t4))
     return shares
+
+
+def grpc_floor(socket_path: str, calls: int) -> list[float]:
+    """Round trips of an empty gRPC request (Health.Check) on the same socket: the transport's floor."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    times = []
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            stub.Check(health_pb2.HealthCheckRequest())
+            times.append(time.perf_counter() - t0)
+    return times
 
 
 def raw_calls(parent: Path, calls: int) -> list[float]:
@@ -151,6 +165,8 @@ def main() -> int:
             sessions_root = Path(admin.call("GetSession", pb.GetSessionRequest(session_id=session)).cgroup)
         agentd_calls(socket_path, session, 50)  # warm-up
         sequential = agentd_calls(socket_path, session, args.calls)
+        grpc_floor(socket_path, 50)
+        floor = grpc_floor(socket_path, args.calls)
         raw_dir = sessions_root.parent.parent / f"bench-raw-{os.getpid()}"
         os.mkdir(raw_dir)
         try:
@@ -174,6 +190,7 @@ def main() -> int:
     print(row("agentd, 1 client", sequential))
     print(row(f"agentd, {args.clients} clients", loaded))
     print(row("raw cgroup ops, 1 client", raw))
+    print(row("empty gRPC round trip (floor)", floor))
     print(f"throughput with {args.clients} clients: {rate:.0f} calls/s (incl. fork+exec of {TRUE})")
     print(f"agentd/raw p50 ratio: {ratio:.1f}x")
     print(f"p50_ms={p50:.3f} p99_ms={p99:.3f} calls_per_s={rate:.0f} raw_ratio={ratio:.2f}")

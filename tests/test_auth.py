@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 from support import AGENTCTL, Daemon, create_session, rpc_error, spawn_in
 
@@ -106,3 +107,35 @@ def test_health_service_on_both_sockets(daemon: Daemon) -> None:
             for name in ("", service):
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_pidfd_placement_needs_sender_and_target_in_the_session(daemon: Daemon, session: tuple[str, str]) -> None:
+    sid, token = session
+    outsider = subprocess.Popen(["sleep", "100"])
+    code = (
+        "import os, sys\n"
+        "from agentd.api.join import JoinError, Placement\n"
+        "from agentd.client import Client\n"
+        "client = Client(os.environ['AGENTD_SOCKET'], os.environ['AGENTD_SESSION_TOKEN'])\n"
+        "begun = client.begin(__import__('agentd.api.gen.agentd_pb2', fromlist=['x']).Intent(tool='steal'))\n"
+        "placement = Placement(begun.join_socket)\n"
+        "try:\n"
+        f"    placement.place(begun.join_token, os.pidfd_open({outsider.pid}))\n"
+        "    print('PLACED')\n"
+        "except JoinError as exc:\n"
+        "    print(exc.code)\n"
+        "other = Placement(begun.join_socket)\n"
+        "try:\n"
+        "    other.end(begun.call_id, 0)\n"
+        "except JoinError as exc:\n"
+        "    print(exc.code)\n"
+    )
+    try:
+        agent = spawn_in(daemon.session_path(sid) / "agent", [sys.executable, "-c", code], env=daemon.env(token),
+                         stdout=subprocess.PIPE)
+        out, _ = agent.communicate(timeout=60)
+        assert out.decode().split() == ["PERMISSION_DENIED", "PERMISSION_DENIED"]
+        assert "agentd" not in Path(f"/proc/{outsider.pid}/cgroup").read_text()
+    finally:
+        outsider.kill()
+        outsider.wait()

@@ -77,7 +77,7 @@ def test_recorded_but_not_removed_is_not_recorded_twice(daemon_factory: Callable
     d.kill9()
     leftover = d.session_path(sid) / f"tc-{done.result.call_id}"
     leftover.mkdir()
-    label = {"v": 1, "id": done.result.call_id, "session": sid, "intent": {"tool": "true"}, "digest": "",
+    label = {"v": 1, "id": done.result.call_id, "session": sid, "intent": {"tool": "true"},
              "limits": {"memory_high": 1, "memory_max": 1, "cpu_weight": 100, "cpu_max_millicores": 0,
                         "pids_max": 1, "timeout_seconds": 1.0, "network": 1},
              "created": 1.0, "report_exit": False, "confined": False, "implicit": False,

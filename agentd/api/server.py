@@ -14,7 +14,8 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentd.api import join, sdnotify
+from agentd.api import convert, join, sdnotify
+from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.gen import agentd_pb2_grpc as pb_grpc
 from agentd.api.metrics import Metrics
 from agentd.api.servicer import Service
@@ -22,6 +23,7 @@ from agentd.core.config import Config
 from agentd.core.engine import Engine
 from agentd.core.reconcile import reconcile
 from agentd.core.records import RecordStore
+from agentd.core.results import ExitStatus
 from agentd.core.tree import set_up
 from agentd.kernel.watch import Watcher
 
@@ -88,7 +90,12 @@ async def serve(config: Config) -> None:
     metrics = Metrics(engine)
     report = reconcile(engine)
     servers: list[grpc.aio.Server] = []
-    join_server: asyncio.AbstractServer | None = None
+    join_server: join.JoinServer | None = None
+
+    async def end_from_join(call_id: str, wait_status: int | None) -> pb.ToolCallResult:
+        status = ExitStatus.from_wait_status(wait_status) if wait_status is not None else None
+        return convert.result_to_pb(await engine.end_call(call_id, None, status))
+
     try:
         servers.append(
             await _grpc_server(Service(engine, metrics, sandbox=False), config.admin_socket,
@@ -98,8 +105,9 @@ async def serve(config: Config) -> None:
             await _grpc_server(Service(engine, metrics, sandbox=True), config.sandbox_socket,
                                config.sandbox_socket_mode, None)
         )
-        join_server = await loop.create_unix_server(
-            lambda: join.JoinProtocol(lambda token, pid: engine.join(token, pid).id), str(config.join_socket)
+        join_server = join.JoinServer(
+            loop, config.join_socket, lambda token, sender, target: engine.join(token, sender, target).id,
+            end_from_join,
         )
         _secure(config.join_socket, 0o666, None)
         if config.metrics_address:

@@ -2,7 +2,7 @@
 
 Every state change happens on the loop thread. Kernel work goes through agentd.kernel.cgroupfs; change
 notifications (cgroup.events) arrive through one Watcher. A call ends when its cgroup empties (or on
-EndToolCall/timeout/kill): accounting is read BEFORE rmdir, the record is appended and synced, then the
+EndToolCall/timeout/kill): accounting is read BEFORE rmdir, the record is appended, then the
 cgroup is removed and waiters are answered.
 """
 
@@ -233,22 +233,26 @@ class Engine:
     def _watch(self, call: ToolCall) -> None:
         call.events_fd = self.watcher.watch(call.path / "cgroup.events", lambda fd: self._on_events(call, fd))
 
-    def join(self, token: str, pid: int) -> ToolCall:
-        """Place the process that presented a join token (pid from SO_PEERCRED) into its call's cgroup."""
+    def join(self, token: str, sender: int, target: int | None = None) -> ToolCall:
+        """Place a process into the call its join token belongs to. `sender` is the pid the kernel reports for
+        the connecting process (SO_PEERCRED); `target` the pid of a pidfd it passed (None: itself). A call
+        begun by a sandbox accepts only processes, and senders, inside that sandbox's session."""
         call_id = self._join_tokens.get(token)
         call = self.calls.get(call_id) if call_id else None
         if call is None or call.state != CallState.PENDING:
             raise PermissionDenied("unknown, expired or already used join token")
+        pid = sender if target is None else target
         if pid == os.getpid() or pid <= 1:
             raise PermissionDenied(f"pid {pid} cannot join a tool call")
         if call.confined:
             session = self.sessions[call.session_id]
-            where = cgroupfs.cgroup_of_pid(self.tree.mount, pid)
-            if where is None or not where.is_relative_to(session.path):
-                raise PermissionDenied(
-                    f"pid {pid} is not in session {session.id!r}'s cgroups; only the session's own processes "
-                    f"can join its calls"
-                )
+            for who in {sender, pid}:
+                where = cgroupfs.cgroup_of_pid(self.tree.mount, who)
+                if where is None or not where.is_relative_to(session.path):
+                    raise PermissionDenied(
+                        f"pid {who} is not in session {session.id!r}'s cgroups; only the session's own processes "
+                        f"can join its calls"
+                    )
         try:
             cgroupfs.move(call.path, pid)
         except cgroupfs.CgroupError as exc:

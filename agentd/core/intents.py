@@ -6,8 +6,6 @@ wrong and why; nothing is created for an invalid intent.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -69,9 +67,6 @@ class Intent:
         values = dict(data)
         values["argv"] = tuple(values.get("argv", ()))  # type: ignore[arg-type]
         return Intent(**values)  # type: ignore[arg-type]
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

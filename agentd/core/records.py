@@ -1,7 +1,10 @@
-"""The record of finished tool calls: one JSON line each, appended and fdatasync'ed before anyone is answered.
+"""The record of finished tool calls: one JSON line each.
 
-Recent records stay in memory for ListToolCalls and for reconciling after a restart (a call whose record
-exists is not recorded twice).
+A record is written (write(2), so it survives a daemon crash or restart) before the call's result is answered.
+A background thread fdatasyncs behind the writes, coalescing bursts, so the disk flush stays off the event
+loop and the hot path; on a host crash at most the records of the last flush interval can be lost. Recent
+records stay in memory for ListToolCalls and for reconciling after a restart (a call whose record exists is
+not recorded twice).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -27,6 +31,11 @@ class RecordStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._load()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._lock = threading.Lock()  # guards _fd against rotation while the syncer flushes it
+        self._dirty = threading.Event()
+        self._closing = False
+        self._syncer = threading.Thread(target=self._sync_loop, name="records-sync", daemon=True)
+        self._syncer.start()
 
     def _load(self) -> None:
         """Read the newest records (the tail of the rotated file, then the current one)."""
@@ -58,13 +67,26 @@ class RecordStore:
         if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
             self._rotate()
         os.write(self._fd, line)
-        os.fdatasync(self._fd)
+        self._dirty.set()
         self._remember(result)
 
+    def _sync_loop(self) -> None:
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            with self._lock:
+                if self._fd < 0:
+                    return
+                os.fdatasync(self._fd)
+            if self._closing:
+                return
+
     def _rotate(self) -> None:
-        os.close(self._fd)
-        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        with self._lock:
+            os.fdatasync(self._fd)
+            os.close(self._fd)
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     def get(self, call_id: str) -> Result | None:
         return self._recent.get(call_id)
@@ -80,4 +102,11 @@ class RecordStore:
         return out
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Flush and close; waits for the syncer."""
+        self._closing = True
+        self._dirty.set()
+        self._syncer.join()
+        with self._lock:
+            os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1

@@ -64,7 +64,6 @@ class ToolCall:
             "id": self.id,
             "session": self.session_id,
             "intent": self.intent.to_json(),
-            "digest": self.intent.digest(),
             "limits": self.limits.to_json(),
             "created": self.created,
             "report_exit": self.report_exit,

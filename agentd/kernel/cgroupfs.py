@@ -1,7 +1,7 @@
 """cgroupfs: the only module that writes cgroup v2 files (knobs, membership, freeze, kill, labels).
 
 Everything else in agentd asks this module. Paths are absolute filesystem paths inside the cgroup2 mount.
-Reads and writes use raw os.open/os.read/os.write: this is the tool-call hot path.
+Reads and writes use raw os.open/os.read/os.write and plain string paths: this is the tool-call hot path.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class CgroupStats:
     pids_peak: int = -1
 
 
-def read_text(path: Path) -> str | None:
+def read_text(path: str | Path) -> str | None:
     """Read a small cgroup file; None if it does not exist."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -60,7 +60,7 @@ def parse_flat_keyed(text: str | None) -> dict[str, int]:
     return out
 
 
-def _read_int(path: Path) -> int:
+def _read_int(path: str) -> int:
     text = read_text(path)
     if text is None:
         return -1
@@ -68,7 +68,7 @@ def _read_int(path: Path) -> int:
     return -1 if text == "max" else int(text)
 
 
-def write_file(path: Path, value: str) -> None:
+def write_file(path: str | Path, value: str) -> None:
     """Write one value to a cgroup file, raising CgroupError that names the file."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -84,12 +84,12 @@ def write_file(path: Path, value: str) -> None:
 
 def controllers(path: Path) -> set[str]:
     """Controllers available in a cgroup (its cgroup.controllers)."""
-    return set((read_text(path / "cgroup.controllers") or "").split())
+    return set((read_text(f"{path}/cgroup.controllers") or "").split())
 
 
 def subtree_controllers(path: Path) -> set[str]:
     """Controllers enabled for a cgroup's children (its cgroup.subtree_control)."""
-    return set((read_text(path / "cgroup.subtree_control") or "").split())
+    return set((read_text(f"{path}/cgroup.subtree_control") or "").split())
 
 
 def enable_controllers(path: Path, wanted: Iterable[str]) -> set[str]:
@@ -97,7 +97,7 @@ def enable_controllers(path: Path, wanted: Iterable[str]) -> set[str]:
     available = controllers(path)
     for name in wanted:
         if name in available:
-            write_file(path / "cgroup.subtree_control", f"+{name}")
+            write_file(f"{path}/cgroup.subtree_control", f"+{name}")
     return subtree_controllers(path) & set(wanted)
 
 
@@ -130,7 +130,7 @@ def apply_knobs(path: Path, knobs: Mapping[str, str], enabled: set[str]) -> list
     skipped = []
     for knob, value in knobs.items():
         if knob_controller(knob) in enabled:
-            write_file(path / knob, value)
+            write_file(f"{path}/{knob}", value)
         else:
             skipped.append(knob)
     return skipped
@@ -138,29 +138,29 @@ def apply_knobs(path: Path, knobs: Mapping[str, str], enabled: set[str]) -> list
 
 def move(path: Path, pid: int) -> None:
     """Move a process (all its threads) into a cgroup."""
-    write_file(path / "cgroup.procs", str(pid))
+    write_file(f"{path}/cgroup.procs", str(pid))
 
 
 def procs(path: Path) -> list[int]:
-    text = read_text(path / "cgroup.procs")
+    text = read_text(f"{path}/cgroup.procs")
     return [int(p) for p in text.split()] if text else []
 
 
 def populated(path: Path) -> bool:
-    return parse_flat_keyed(read_text(path / "cgroup.events")).get("populated", 0) == 1
+    return parse_flat_keyed(read_text(f"{path}/cgroup.events")).get("populated", 0) == 1
 
 
 def frozen(path: Path) -> bool:
-    return parse_flat_keyed(read_text(path / "cgroup.events")).get("frozen", 0) == 1
+    return parse_flat_keyed(read_text(f"{path}/cgroup.events")).get("frozen", 0) == 1
 
 
 def kill(path: Path) -> None:
     """Kill every process in the subtree atomically (cgroup.kill)."""
-    write_file(path / "cgroup.kill", "1")
+    write_file(f"{path}/cgroup.kill", "1")
 
 
 def freeze(path: Path, on: bool) -> None:
-    write_file(path / "cgroup.freeze", "1" if on else "0")
+    write_file(f"{path}/cgroup.freeze", "1" if on else "0")
 
 
 def remove(path: Path) -> bool:
@@ -203,22 +203,22 @@ def get_label(path: Path, key: str) -> bytes | None:
 
 def read_stats(path: Path) -> CgroupStats:
     """Read the accounting that vanishes with rmdir: peak memory, memory events, CPU, pids."""
-    cpu = parse_flat_keyed(read_text(path / "cpu.stat"))
+    cpu = parse_flat_keyed(read_text(f"{path}/cpu.stat"))
     return CgroupStats(
-        memory_peak=_read_int(path / "memory.peak"),
-        memory_current=_read_int(path / "memory.current"),
-        memory_events=parse_flat_keyed(read_text(path / "memory.events")),
+        memory_peak=_read_int(f"{path}/memory.peak"),
+        memory_current=_read_int(f"{path}/memory.current"),
+        memory_events=parse_flat_keyed(read_text(f"{path}/memory.events")),
         cpu_usage_usec=cpu.get("usage_usec", 0),
         cpu_user_usec=cpu.get("user_usec", 0),
         cpu_system_usec=cpu.get("system_usec", 0),
         cpu_throttled_usec=cpu.get("throttled_usec", 0),
         cpu_nr_throttled=cpu.get("nr_throttled", 0),
-        pids_peak=_read_int(path / "pids.peak"),
+        pids_peak=_read_int(f"{path}/pids.peak"),
     )
 
 
 def memory_current(path: Path) -> int:
-    return _read_int(path / "memory.current")
+    return _read_int(f"{path}/memory.current")
 
 
 def cgroup_of_pid(mount: Path, pid: int) -> Path | None:
