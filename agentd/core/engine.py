@@ -470,10 +470,12 @@ class Engine:
         if pids_max < 0 or pids_max > self.config.max_pids:
             raise InvalidArgument("pids_max", f"must be between 0 and {self.config.max_pids}")
         budget = self.sessions[call.session_id].spec.memory_budget
+        new_max = memory_max or call.limits.memory_max
         new = replace(
             call.limits,
-            memory_high=memory_high or call.limits.memory_high,
-            memory_max=memory_max or call.limits.memory_max,
+            # Lowering memory.max alone pulls memory.high down with it.
+            memory_high=memory_high or min(call.limits.memory_high, new_max),
+            memory_max=new_max,
             cpu_max_millicores=cpu_max or call.limits.cpu_max_millicores,
             pids_max=pids_max or call.limits.pids_max,
         )
