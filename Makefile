@@ -8,7 +8,7 @@ ARGS ?=
 APT_PACKAGES := python3 python3-venv python3-dev build-essential make git clang llvm libbpf-dev bpftool \
 	libbpf1 iproute2 procps util-linux systemd
 
-.PHONY: setup apt venv proto bpf test test-host test-kernel lint clean
+.PHONY: setup apt venv proto bpf test test-host test-kernel testbed-image lint clean
 
 setup: apt venv proto bpf
 	bash vagrant/host-setup.sh
@@ -41,6 +41,9 @@ test-host:
 
 test-kernel:
 	bash vagrant/run-tests.sh $(ARGS)
+
+testbed-image:
+	bash vagrant/build-image.sh --force
 
 lint:
 	$(PY) -m ruff check agentd tests bench
