@@ -23,6 +23,7 @@ import grpc
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.gen import agentd_pb2_grpc as pb_grpc
 from agentd.api.join import JoinError, Placement
+from agentd.launch import launch, release
 
 ADMIN_SOCKET = "/run/agentd/admin.sock"
 SANDBOX_SOCKET = "/run/agentd/sandbox.sock"
@@ -171,33 +172,3 @@ class RunError(RuntimeError):
     def __init__(self, message: str, result: pb.ToolCallResult | None = None) -> None:
         super().__init__(message)
         self.result = result
-
-
-# The launched child is a shell that waits on fd 3 for "go" (sent once agentd has placed it), then execs the
-# command in place: the same pid, nothing run in between. posix_spawn (vfork) avoids copying the caller's
-# address space, and no Python runs in the child.
-_WAIT_THEN_EXEC = 'read -r go <&3 && [ "$go" = go ] || exit 126; exec 3<&-; exec "$@"'
-
-
-def launch(argv: Sequence[str]) -> tuple[int, int]:
-    """Start argv held before exec; returns (pid, fd to release it with)."""
-    read_fd, write_fd = os.pipe()
-    try:
-        pid = os.posix_spawn(
-            "/bin/sh", ["sh", "-c", _WAIT_THEN_EXEC, "sh", *argv], os.environ,
-            file_actions=[(os.POSIX_SPAWN_DUP2, read_fd, 3)],
-        )
-    except BaseException:
-        os.close(write_fd)
-        raise
-    finally:
-        os.close(read_fd)
-    return pid, write_fd
-
-
-def release(go: int) -> None:
-    """Let a launched child exec its command."""
-    try:
-        os.write(go, b"go\n")
-    finally:
-        os.close(go)

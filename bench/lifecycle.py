@@ -43,7 +43,8 @@ def agentd_calls(socket_path: str, session: str, calls: int) -> list[float]:
     pidfd on the join socket (connect + JOIN), and END on that connection (answered after finalisation).
     """
     from agentd.api.gen import agentd_pb2 as pb
-    from agentd.client import Client, launch, release
+    from agentd.client import Client
+    from agentd.launch import launch, release
 
     shares = []
     intent = pb.Intent(tool="true", argv=[TRUE])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,7 +71,7 @@ class Daemon:
         for section, values in sections.items():
             lines.append(f"[{section}]")
             for key, value in values.items():
-                lines.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+                lines.append(f"{key} = {json.dumps(value)}")  # a TOML value too: strings, numbers, bools, lists
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -137,14 +140,11 @@ class Daemon:
 
 
 def spawn_in(cgroup: Path, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Start a process that moves itself into `cgroup` before it execs (as a container runtime would)."""
-    procs = str(cgroup / "cgroup.procs")
-
-    def enter() -> None:
-        with open(procs, "w") as f:
-            f.write("0")
-
-    return subprocess.Popen(list(argv), preexec_fn=enter, **kwargs)
+    """Start a process that moves itself into `cgroup` before it execs argv (as a container runtime would).
+    A shell makes the move, in place, so no Python runs in the forked child: a child forked by a process
+    that uses gRPC and then running Python can abort in gRPC's fork handlers."""
+    enter = 'echo 0 > "$0" && exec "$@"'
+    return subprocess.Popen(["/bin/sh", "-c", enter, str(cgroup / "cgroup.procs"), *argv], **kwargs)
 
 
 def rpc_error(fn: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
@@ -168,3 +168,16 @@ def wait_for(predicate: Any, timeout: float = 5.0 * SLOW, interval: float = 0.01
             return
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+def scrape(daemon: Daemon) -> str:
+    """The daemon's /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+def value(text: str, sample: str) -> float:
+    """The value of one sample (name with labels, as exposed) in a scraped page."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{sample} not in metrics"
+    return float(match.group(1))

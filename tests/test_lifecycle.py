@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from support import AGENTCTL, Daemon, create_session, rpc_error, spawn_in, wait_for
 
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.api.join import JoinError, join
+from agentd.api.join import JoinError, Placement, join
 from agentd.kernel import cgroupfs
 
 
@@ -130,6 +131,30 @@ def test_join_token_is_single_use_and_expires(daemon_factory: object) -> None:
         with pytest.raises(JoinError) as bad:
             join(used.join_socket, "garbage")
         assert bad.value.code == "PERMISSION_DENIED"
+
+
+def test_an_exited_process_cannot_join(daemon: Daemon, session: tuple[str, str]) -> None:
+    """Writing an exiting process into cgroup.procs succeeds without moving it: the join must say so instead of
+    leaving a call that never gets a process."""
+    sid, _ = session
+    with daemon.admin() as admin:
+        begun = admin.begin(pb.Intent(tool="late"), sid)
+        zombie = subprocess.Popen(["true"])
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        wait_for(lambda: stat.read_text().split(")")[1].split()[0] == "Z")
+        pidfd = os.pidfd_open(zombie.pid)
+        placement = Placement(begun.join_socket)
+        try:
+            with pytest.raises(JoinError) as refused:
+                placement.place(begun.join_token, pidfd)
+        finally:
+            placement.close()
+            os.close(pidfd)
+            zombie.wait()
+        assert refused.value.code == "FAILED_PRECONDITION" and "exited" in str(refused.value)
+        pid = admin.spawn(begun, ["true"])  # the token is still good
+        os.waitpid(pid, 0)
+        assert admin.end(begun.call_id, 0).outcome == pb.OUTCOME_OK
 
 
 def test_freeze_and_thaw(daemon: Daemon, session: tuple[str, str]) -> None:

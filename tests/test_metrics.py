@@ -1,24 +1,13 @@
-"""Prometheus /metrics: the documented families, snake_case with unit suffixes, no call or session ids."""
+"""Prometheus /metrics: the documented families, snake_case with unit suffixes, no call ids, session ids only on
+the per-session process counters."""
 
 from __future__ import annotations
 
 import re
-import urllib.request
 
-from support import Daemon
+from support import Daemon, scrape, value
 
 from agentd.api.gen import agentd_pb2 as pb
-
-
-def scrape(daemon: Daemon) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10) as reply:
-        return str(reply.read().decode())
-
-
-def value(text: str, sample: str) -> float:
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{sample} not in metrics"
-    return float(match.group(1))
 
 
 def test_metrics_follow_calls(daemon: Daemon, session: tuple[str, str]) -> None:
@@ -31,7 +20,9 @@ def test_metrics_follow_calls(daemon: Daemon, session: tuple[str, str]) -> None:
     for family in ("agentd_tool_calls_started_total", "agentd_tool_calls_finished_total",
                    "agentd_tool_call_duration_seconds", "agentd_tool_call_memory_peak_bytes", "agentd_oom_kills_total",
                    "agentd_api_request_duration_seconds", "agentd_sessions", "agentd_tool_calls_active",
-                   "agentd_cgroups_alive", "agentd_controller_enforced"):
+                   "agentd_cgroups_alive", "agentd_controller_enforced", "agentd_bpf_enabled",
+                   "agentd_bpf_events_lost_total", "agentd_session_process_events_total",
+                   "agentd_capture_latency_seconds", "agentd_network_denials_total"):
         assert f"# TYPE {family.removesuffix('_total')}" in after, family
     finished = 'agentd_tool_calls_finished_total{outcome="failed"}'
     assert value(after, finished) == value(before, finished) + 1
@@ -42,7 +33,9 @@ def test_metrics_follow_calls(daemon: Daemon, session: tuple[str, str]) -> None:
     assert value(after, 'agentd_sessions{priority="normal"}') >= 1
     assert value(after, "agentd_api_request_duration_seconds_count"
                         '{code="OK",method="BeginToolCall"}') >= 2
-    assert failed.result.call_id not in after and sid not in after
+    per_session = "agentd_session_process_events_total{"
+    assert failed.result.call_id not in after
+    assert sid not in "\n".join(line for line in after.splitlines() if not line.startswith(per_session))
     for name in re.findall(r"^# TYPE (\S+) ", after, re.MULTILINE):
         assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
     enforced = value(after, 'agentd_controller_enforced{controller="memory"}')

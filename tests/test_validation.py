@@ -69,6 +69,7 @@ BAD_SESSIONS: list[tuple[dict[str, Any], str]] = [
      "spec.memory_protected_bytes"),
     ({"pids_budget": -1}, "spec.pids_budget"),
     ({"labels": {"k": "\x07"}}, "spec.labels"),
+    ({"capture": 5}, "spec.capture"),
 ]
 
 

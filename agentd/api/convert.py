@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.core.intents import Intent, Limits
-from agentd.core.results import Result
+from agentd.core.results import Capture, Result
 from agentd.core.sessions import Session, SessionSpec
 from agentd.core.toolcalls import ToolCall
 
@@ -84,11 +84,22 @@ def result_to_pb(result: Result) -> pb.ToolCallResult:
         implicit=result.implicit,
         labels=result.labels,
         kill_reason=result.kill_reason,
+        network_denials=result.network_denials,
+        forks=result.forks,
+        capture=capture_to_pb(result.capture) if result.capture is not None else None,
     )
     if result.exit_status is not None:
         msg.exit_code = result.exit_status.code
         msg.exit_signal = result.exit_status.signal
     return msg
+
+
+def capture_to_pb(capture: Capture) -> pb.CaptureInfo:
+    return pb.CaptureInfo(
+        rule=capture.rule,
+        latency_seconds=capture.latency_seconds,
+        memory_before_move_bytes=capture.memory_before_move,
+    )
 
 
 def spec_from_pb(msg: pb.SessionSpec) -> SessionSpec:
@@ -99,6 +110,7 @@ def spec_from_pb(msg: pb.SessionSpec) -> SessionSpec:
         memory_protected=msg.memory_protected_bytes,
         pids_budget=msg.pids_budget,
         labels=dict(msg.labels),
+        capture=msg.capture,
     )
 
 
@@ -114,6 +126,7 @@ def session_to_pb(
             memory_protected_bytes=spec.memory_protected,
             pids_budget=spec.pids_budget,
             labels=spec.labels,
+            capture=spec.capture,  # type: ignore[arg-type]
         ),
         cgroup=str(session.path),
         active_calls=len(session.calls),

@@ -1,22 +1,25 @@
 """Prometheus metrics: event counters updated by the engine's listeners, gauges read from core state at scrape.
 
-No high-cardinality labels: outcome, priority, method, code and controller only (never call or session ids).
+No unbounded labels: outcome, priority, method, code, controller, program and event; session ids only on the
+per-session process counters (bounded by [sessions] max_sessions); never call ids.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from agentd.core.results import Outcome, Result
 from agentd.core.sessions import Priority
 from agentd.core.toolcalls import ToolCall
 from agentd.kernel import cgroupfs
+from agentd.kernel.bpf.libbpf import BpfError
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -25,7 +28,9 @@ if TYPE_CHECKING:
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 MEMORY_BUCKETS = tuple(float(1 << n) for n in range(20, 37))  # 1 MiB .. 64 GiB
-API_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
+LOOP_TIMEOUT_SECONDS = 2.0  # a scrape waits this long for state only the event loop may read
+T = TypeVar("T")
 
 
 class Metrics:
@@ -45,7 +50,14 @@ class Metrics:
         )
         self.api = Histogram(
             "agentd_api_request_duration_seconds", "gRPC request latency", ["method", "code"],
-            buckets=API_BUCKETS, registry=r,
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.capture_latency = Histogram(
+            "agentd_capture_latency_seconds", "Auto-capture: exec in an agent leaf to moved into its implicit call",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.network_denials = Counter(
+            "agentd_network_denials", "Connects/sends refused to tool calls with network intent NONE", registry=r
         )
         for implicit in ("false", "true"):
             self.started.labels(implicit)
@@ -60,10 +72,13 @@ class Metrics:
 
     def _began(self, call: ToolCall) -> None:
         self.started.labels(str(call.implicit).lower()).inc()
+        if call.capture is not None:
+            self.capture_latency.observe(call.capture.latency_seconds)
 
     def _finished(self, result: Result) -> None:
         self.finished.labels(result.outcome.name.lower()).inc()
         self.oom_kills.inc(result.memory_events.get("oom_kill", 0))
+        self.network_denials.inc(result.network_denials)
         if result.started_unix:
             self.duration.observe(result.duration_seconds)
         if result.memory_peak >= 0:
@@ -85,7 +100,7 @@ class _StateCollector(Collector):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         engine = self.engine
         sessions = list(engine.sessions.values())
         calls = list(engine.calls.values())
@@ -107,3 +122,39 @@ class _StateCollector(Collector):
         for controller in cgroupfs.CONTROLLERS:
             enforced.add_metric([controller], 1 if controller in engine.caps.enforced else 0)
         yield enforced
+        bpf = GaugeMetricFamily("agentd_bpf_enabled", "1 if the BPF program is loaded", labels=["program"])
+        bpf.add_metric(["lifecycle"], 1 if engine.caps.bpf_lifecycle else 0)
+        bpf.add_metric(["netpolicy"], 1 if engine.caps.bpf_network else 0)
+        yield bpf
+        if engine.tracking.enabled:
+            yield from self._process_counters()
+
+    def _process_counters(self) -> Iterator[Metric]:
+        """Counters the lifecycle program keeps in kernel maps, read on the event loop (which owns them)."""
+        tracking = self.engine.tracking
+        lost = self._on_loop(tracking.lost)
+        per_session = self._on_loop(tracking.session_counters)
+        if lost is None or per_session is None:
+            return
+        yield CounterMetricFamily(
+            "agentd_bpf_events_lost", "Process events dropped because the ring buffer was full", value=lost
+        )
+        events = CounterMetricFamily(
+            "agentd_session_process_events", "Forks, execs and exits in a session's cgroups",
+            labels=["session", "event"],
+        )
+        for session_id, counters in per_session.items():
+            for event, value in (("fork", counters.forks), ("exec", counters.execs), ("exit", counters.exits)):
+                events.add_metric([session_id, event], value)
+        yield events
+
+    def _on_loop(self, read: Callable[[], T]) -> T | None:
+        """read() run on the event loop; None if the loop does not answer in time (e.g. it is stopping)."""
+
+        async def run() -> T:
+            return read()
+
+        try:
+            return asyncio.run_coroutine_threadsafe(run(), self.engine.loop).result(LOOP_TIMEOUT_SECONDS)
+        except (RuntimeError, TimeoutError, BpfError):
+            return None

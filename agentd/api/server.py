@@ -1,4 +1,5 @@
-"""Run the daemon: cgroup tree, reconcile, gRPC servers on Unix sockets, join socket, metrics, readiness."""
+"""Run the daemon: cgroup tree, BPF programs, reconcile, gRPC servers on Unix sockets, join socket, metrics,
+readiness."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.gen import agentd_pb2_grpc as pb_grpc
 from agentd.api.metrics import Metrics
 from agentd.api.servicer import Service
+from agentd.core.capture import AutoCapture
 from agentd.core.config import Config
 from agentd.core.engine import Engine
+from agentd.core.programs import load_programs
 from agentd.core.reconcile import reconcile
 from agentd.core.records import RecordStore
 from agentd.core.results import ExitStatus
@@ -86,9 +89,11 @@ async def serve(config: Config) -> None:
     tree, caps = set_up(config.cgroup_root)
     records = RecordStore(config.records_file, config.records_max_bytes, config.records_kept_in_memory)
     watcher = Watcher(loop)
-    engine = Engine(config, tree, caps, records, watcher, loop)
+    programs = load_programs(tree, caps)
+    engine = Engine(config, tree, caps, records, watcher, loop, programs)
+    if caps.bpf_lifecycle:
+        AutoCapture(engine, config)  # subscribes to execs in agent leaves
     metrics = Metrics(engine)
-    report = reconcile(engine)
     servers: list[grpc.aio.Server] = []
     join_server: join.JoinServer | None = None
 
@@ -97,6 +102,7 @@ async def serve(config: Config) -> None:
         return convert.result_to_pb(await engine.end_call(call_id, None, status))
 
     try:
+        report = reconcile(engine)
         servers.append(
             await _grpc_server(Service(engine, metrics, sandbox=False), config.admin_socket,
                                config.admin_socket_mode, config.admin_gid)
@@ -119,6 +125,8 @@ async def serve(config: Config) -> None:
                 "cgroup_root": str(tree.root),
                 "enforced": ",".join(sorted(caps.enforced)) or "none",
                 "not_enforced": ",".join(sorted(caps.missing)) or "none",
+                "bpf": ",".join(name for name, on in (("lifecycle", caps.bpf_lifecycle),
+                                                      ("network", caps.bpf_network)) if on) or "none",
                 "sessions": len(report.sessions),
                 "adopted_calls": len(report.adopted_calls),
                 "admin_socket": str(config.admin_socket),
@@ -134,6 +142,7 @@ async def serve(config: Config) -> None:
         await asyncio.gather(*(s.stop(STOP_GRACE_SECONDS) for s in servers))
         metrics.close()
         engine.close()
+        programs.close()
         watcher.close()
         for path in sockets:
             with contextlib.suppress(FileNotFoundError):

@@ -148,6 +148,10 @@ class Service:
                       for p in pressure],
             warnings=caps.warnings,
             join_socket=str(engine.config.join_socket),
+            bpf_lifecycle=caps.bpf_lifecycle,
+            bpf_network=caps.bpf_network,
+            bpf_errors=caps.bpf_errors,
+            auto_capture=caps.bpf_lifecycle and engine.config.capture_enabled,
         )
 
     # ----- tool calls --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ CPU_CLASSES = {"background": pb.CPU_CLASS_BACKGROUND, "normal": pb.CPU_CLASS_NOR
 MEMORY_CLASSES = {"low": pb.MEMORY_CLASS_LOW, "medium": pb.MEMORY_CLASS_MEDIUM, "high": pb.MEMORY_CLASS_HIGH}
 PRIORITIES = {"high": pb.PRIORITY_HIGH, "normal": pb.PRIORITY_NORMAL, "low": pb.PRIORITY_LOW}
 NETWORK = {"any": pb.NETWORK_ANY, "none": pb.NETWORK_NONE}
+CAPTURE = {"default": pb.CAPTURE_UNSPECIFIED, "on": pb.CAPTURE_ON, "off": pb.CAPTURE_OFF}
 EXIT_USAGE = 2
 EXIT_AGENTD = 125  # agentd refused or failed; the command did not run
 
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--memory-protected", type=_size, default=0)
     create.add_argument("--pids-budget", type=int, default=0)
     create.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    create.add_argument("--capture", choices=sorted(CAPTURE), default="default",
+                        help="auto-capture of undeclared commands in agent/ (default: agentd's config)")
     ssub.add_parser("list")
     show = ssub.add_parser("show")
     show.add_argument("id")
@@ -152,6 +155,7 @@ def cmd_session(client: Client, args: argparse.Namespace) -> int:
         spec = pb.SessionSpec(
             id=args.id, priority=PRIORITIES[args.priority], memory_budget_bytes=args.memory_budget,
             memory_protected_bytes=args.memory_protected, pids_budget=args.pids_budget, labels=_labels(args.label),
+            capture=CAPTURE[args.capture],
         )
         _print_json(client.call("CreateSession", pb.CreateSessionRequest(spec=spec), admin=True))
     elif args.verb == "list":
@@ -192,6 +196,10 @@ def cmd_status(client: Client) -> int:
         print(f"NOT enforced: {', '.join(status.controllers_missing)}")
     print(f"PSI triggers: {'yes' if status.psi_available else 'no'}; "
           f"sched_ext: {'yes' if status.sched_ext_available else 'no'}")
+    print(f"BPF: lifecycle {'yes' if status.bpf_lifecycle else 'no'}; network policy "
+          f"{'yes' if status.bpf_network else 'no'}; auto-capture {'on' if status.auto_capture else 'off'}")
+    for error in status.bpf_errors:
+        print(f"BPF error: {error}")
     print(f"sessions: {status.sessions}, active tool calls: {status.active_calls}")
     for p in status.pressure:
         print(f"pressure {p.resource}: some avg10 {p.some_avg10:.2f}%, full avg10 {p.full_avg10:.2f}%")

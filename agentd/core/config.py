@@ -7,6 +7,7 @@ renders the documented defaults (`agentd --print-config`, docs/configuration.md)
 from __future__ import annotations
 
 import grp
+import json
 import math
 import tomllib
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ class ConfigError(ValueError):
 class Key:
     section: str
     name: str
-    kind: str  # str, path, size, int, float, mode, group, bool, level
+    kind: str  # str, path, size, int, float, mode, group, bool, level, names (a list of file names)
     default: Any
     doc: str
     minimum: float | None = None
@@ -78,6 +79,9 @@ KEYS: tuple[Key, ...] = (
     Key("limits", "cpu_weight_background", "int", 25, "cpu.weight of BACKGROUND tool calls", 1, 10000),
     Key("limits", "cpu_weight_normal", "int", 100, "cpu.weight of NORMAL tool calls", 1, 10000),
     Key("limits", "cpu_weight_interactive", "int", 400, "cpu.weight of INTERACTIVE tool calls", 1, 10000),
+    Key("limits", "network_none_allows_loopback", "bool", False,
+        "calls with network intent NONE may still connect to loopback (127.0.0.0/8, ::1); enforced by the "
+        "netpolicy BPF program"),
     Key("sessions", "cpu_weight_high", "int", 400, "cpu.weight of HIGH priority sessions", 1, 10000),
     Key("sessions", "cpu_weight_normal", "int", 100, "cpu.weight of NORMAL priority sessions", 1, 10000),
     Key("sessions", "cpu_weight_low", "int", 25, "cpu.weight of LOW priority sessions", 1, 10000),
@@ -87,6 +91,18 @@ KEYS: tuple[Key, ...] = (
     Key("sessions", "max_sessions", "int", 1024, "CreateSession beyond this many sessions is refused", 1, 1 << 20),
     Key("sessions", "max_active_calls_per_session", "int", 256,
         "BeginToolCall beyond this many unfinished calls in one session is refused", 1, 1 << 20),
+    Key("capture", "enabled", "bool", True,
+        "auto-capture: a matching command exec'd in a session's agent/ leaf becomes an implicit tool call "
+        "(needs the lifecycle BPF program; a session's spec can override this)"),
+    Key("capture", "shells", "names", ("sh", "bash", "dash", "zsh"),
+        "shells captured when they run a command string: first argument -c, or an option cluster with c "
+        "such as -lc (the agent's shell tool); [] = none"),
+    Key("capture", "commands", "names",
+        ("pytest", "pip", "pip3", "npm", "npx", "yarn", "make", "cargo", "go", "mvn", "gradle", "tox", "uv"),
+        "heavy commands captured by the basename of the exec'd file"),
+    Key("capture", "network", "str", "any", "network intent of captured calls: any or none"),
+    Key("capture", "timeout_seconds", "float", 0.0,
+        "timeout of captured calls; 0 = [limits] default_timeout_seconds", 0, 604800),
 )
 
 
@@ -122,6 +138,7 @@ class Config:
     cpu_weight_background: int
     cpu_weight_normal: int
     cpu_weight_interactive: int
+    network_none_allows_loopback: bool
     cpu_weight_high: int
     cpu_weight_session_normal: int
     cpu_weight_low: int
@@ -129,6 +146,11 @@ class Config:
     default_memory_protected_high: int
     max_sessions: int
     max_active_calls_per_session: int
+    capture_enabled: bool
+    capture_shells: frozenset[str]
+    capture_commands: frozenset[str]
+    capture_network: str
+    capture_timeout_seconds: float
 
 
 def _convert(key: Key, raw: Any) -> Any:
@@ -155,6 +177,16 @@ def _convert(key: Key, raw: Any) -> Any:
             if not isinstance(raw, int | float) or isinstance(raw, bool) or not math.isfinite(raw):
                 raise ConfigError(f"{where}: expected a number, got {raw!r}")
             value = float(raw)
+        elif key.kind == "bool":
+            if not isinstance(raw, bool):
+                raise ConfigError(f"{where}: expected true or false, got {raw!r}")
+            value = raw
+        elif key.kind == "names":
+            if not isinstance(raw, list | tuple) or not all(
+                isinstance(name, str) and name and "/" not in name for name in raw
+            ):
+                raise ConfigError(f"{where}: expected a list of file names such as [\"make\"], got {raw!r}")
+            value = frozenset(raw)
         elif key.kind == "mode":
             if not isinstance(raw, str):
                 raise ConfigError(f"{where}: expected an octal string such as \"0660\", got {raw!r}")
@@ -223,6 +255,10 @@ def _build(v: dict[str, Any]) -> Config:
     root = v["daemon.cgroup_root"]
     if root != "auto" and not root.startswith("/"):
         raise ConfigError(f"[daemon] cgroup_root: must be 'auto' or an absolute path, got {root!r}")
+    if v["capture.network"] not in ("any", "none"):
+        raise ConfigError(f"[capture] network: must be any or none, got {v['capture.network']!r}")
+    if v["capture.timeout_seconds"] > v["limits.max_timeout_seconds"]:
+        raise ConfigError("[capture] timeout_seconds: larger than [limits] max_timeout_seconds")
     address = v["metrics.address"]
     if address and (":" not in address or not address.rsplit(":", 1)[1].isdigit()):
         raise ConfigError(f"[metrics] address: expected host:port or empty, got {address!r}")
@@ -257,6 +293,7 @@ def _build(v: dict[str, Any]) -> Config:
         cpu_weight_background=v["limits.cpu_weight_background"],
         cpu_weight_normal=v["limits.cpu_weight_normal"],
         cpu_weight_interactive=v["limits.cpu_weight_interactive"],
+        network_none_allows_loopback=v["limits.network_none_allows_loopback"],
         cpu_weight_high=v["sessions.cpu_weight_high"],
         cpu_weight_session_normal=v["sessions.cpu_weight_normal"],
         cpu_weight_low=v["sessions.cpu_weight_low"],
@@ -264,6 +301,11 @@ def _build(v: dict[str, Any]) -> Config:
         default_memory_protected_high=v["sessions.default_memory_protected_high"],
         max_sessions=v["sessions.max_sessions"],
         max_active_calls_per_session=v["sessions.max_active_calls_per_session"],
+        capture_enabled=v["capture.enabled"],
+        capture_shells=v["capture.shells"],
+        capture_commands=v["capture.commands"],
+        capture_network=v["capture.network"],
+        capture_timeout_seconds=v["capture.timeout_seconds"],
     )
 
 
@@ -278,7 +320,13 @@ def default_toml() -> str:
             section = key.section
             lines.append(f"[{section}]")
         lines.append(f"# {key.doc}")
-        default = key.default
-        rendered = f'"{default}"' if isinstance(default, str) else repr(default)
-        lines.append(f"{key.name} = {rendered}")
+        lines.append(f"{key.name} = {_toml_value(key.default)}")
     return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool | tuple):
+        return json.dumps(value)  # true/false, ["a", "b"]
+    return repr(value)

@@ -1,9 +1,10 @@
 """The engine: sessions and tool calls over the cgroup tree, driven by one asyncio loop.
 
 Every state change happens on the loop thread. Kernel work goes through agentd.kernel.cgroupfs; change
-notifications (cgroup.events) arrive through one Watcher. A call ends when its cgroup empties (or on
-EndToolCall/timeout/kill): accounting is read BEFORE rmdir, the record is appended, then the
-cgroup is removed and waiters are answered.
+notifications (cgroup.events) arrive through one Watcher; process events through Tracking (the lifecycle
+BPF program), network intents through NetworkIntent (the netpolicy program), both optional. A call ends
+when its cgroup empties (or on EndToolCall/timeout/kill): pending process events are read, accounting is
+read BEFORE rmdir, the record is appended, then the cgroup is removed and waiters are answered.
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ from agentd.core.errors import (
     PermissionDenied,
     ResourceExhausted,
 )
-from agentd.core.intents import Intent, Limits, Network, check_size, derive_limits, validate_intent
+from agentd.core.intents import Intent, Limits, check_size, derive_limits, validate_intent
+from agentd.core.network import NetworkIntent
+from agentd.core.programs import Programs
 from agentd.core.records import RecordStore
-from agentd.core.results import ExitStatus, KillReason, Result, classify, feedback, retryable
+from agentd.core.results import Capture, ExitStatus, KillReason, Result, classify, feedback, retryable
 from agentd.core.sessions import Session, SessionSpec
 from agentd.core.toolcalls import CALL_PREFIX, CallState, ToolCall, new_call_id
+from agentd.core.tracking import Tracking
 from agentd.core.tree import Tree
-from agentd.kernel import cgroupfs
+from agentd.kernel import cgroupfs, procs
 from agentd.kernel.capabilities import Capabilities
 from agentd.kernel.watch import Watcher, reread
 
@@ -58,6 +62,7 @@ class Engine:
         records: RecordStore,
         watcher: Watcher,
         loop: asyncio.AbstractEventLoop,
+        programs: Programs,
     ) -> None:
         self.config = config
         self.tree = tree
@@ -71,6 +76,8 @@ class Engine:
         self._join_tokens: dict[str, str] = {}
         self.on_begin: list[BeginListener] = []
         self.on_finish: list[FinishListener] = []
+        self.tracking = Tracking(programs.lifecycle, loop)
+        self.network = NetworkIntent(programs.network, config.network_none_allows_loopback)
 
     # ----- sessions -------------------------------------------------------------------------------------
 
@@ -107,6 +114,7 @@ class Engine:
     def _register_session(self, session: Session) -> None:
         self.sessions[session.id] = session
         self._by_token[session.token_sha256] = session
+        self.tracking.add_session(session)
 
     def session(self, session_id: str) -> Session:
         try:
@@ -128,16 +136,21 @@ class Engine:
                 f"session {session_id!r} still has {len(agents)} agent process(es) in its agent/ cgroup; "
                 f"stop the agent first or delete with force to kill them"
             )
-        results = await asyncio.gather(
-            *(self._kill(call, KillReason.CANCELLED, "session deleted") for call in list(session.calls.values()))
-        )
-        if force and cgroupfs.populated(session.agent_path):
-            cgroupfs.kill(session.agent_path)
-            await self.wait_empty(session.agent_path, EMPTY_WAIT_SECONDS)
-        for child in list(cgroupfs.children(session.path)):
-            cgroupfs.remove(child)
-        if not cgroupfs.remove(session.path):
-            raise FailedPrecondition(f"session cgroup {session.path} could not be removed (still populated)")
+        session.deleting = True
+        try:
+            results = await asyncio.gather(
+                *(self._kill(call, KillReason.CANCELLED, "session deleted") for call in list(session.calls.values()))
+            )
+            if force and cgroupfs.populated(session.agent_path):
+                cgroupfs.kill(session.agent_path)
+                await self.wait_empty(session.agent_path, EMPTY_WAIT_SECONDS)
+            for child in list(cgroupfs.children(session.path)):
+                cgroupfs.remove(child)
+            if not cgroupfs.remove(session.path):
+                raise FailedPrecondition(f"session cgroup {session.path} could not be removed (still populated)")
+        finally:
+            session.deleting = False
+        self.tracking.remove_session(session)
         del self.sessions[session_id]
         self._by_token.pop(session.token_sha256, None)
         log.info("session deleted", extra={"session": session_id, "calls_ended": len(results)})
@@ -183,8 +196,55 @@ class Engine:
     # ----- tool calls -----------------------------------------------------------------------------------
 
     def begin_call(
-        self, session: Session, intent: Intent, report_exit: bool, confined: bool, implicit: bool = False
+        self, session: Session, intent: Intent, report_exit: bool, confined: bool
     ) -> tuple[ToolCall, str]:
+        """A declared call: its cgroup, and a one-time token for the process that will join it."""
+        call = self._new_call(session, intent, report_exit, confined, implicit=False)
+        token = secrets.token_urlsafe(24)
+        self._join_tokens[token] = call.id
+        call.timers.append(self.loop.call_later(self.config.join_timeout_seconds, self._join_expired, call))
+        self._register_call(session, call)
+        return call, token
+
+    def capture(self, session: Session, pid: int, intent: Intent, rule: str, exec_ns: int) -> ToolCall | None:
+        """An implicit call for a process the kernel saw exec in the session's agent/ leaf: placed at once, no
+        join token (nothing to confine: the process is the session's own). Children it forked before the move
+        follow it. None if the process left agent/ or ended before it could be moved."""
+        if cgroupfs.cgroup_of_pid(self.tree.mount, pid) != session.agent_path:
+            return None
+        call = self._new_call(session, intent, report_exit=False, confined=False, implicit=True)
+        try:
+            cgroupfs.move(call.path, pid)
+        except cgroupfs.CgroupError:
+            self._discard(call)
+            return None
+        latency = (time.monotonic_ns() - exec_ns) / 1e9
+        if not cgroupfs.populated(call.path) and cgroupfs.read_stats(call.path).cpu_usage_usec == 0:
+            # Never ran in the call: it was exiting, and the kernel skips such a process without an error.
+            # (One that ran and ended since has CPU time here, and its populated notifications are queued.)
+            self._discard(call)
+            return None
+        self._move_children(session, call, pid)
+        call.capture = Capture(rule, latency, procs.anon_resident_bytes(pid))
+        self._register_call(session, call)
+        self._start(call, pid)
+        return call
+
+    def _move_children(self, session: Session, call: ToolCall, pid: int) -> None:
+        """Move the descendants a captured process forked before its move (parents first, so that what they
+        fork meanwhile lands in the call)."""
+        pending = procs.children(pid)
+        while pending:
+            child = pending.pop()
+            if cgroupfs.cgroup_of_pid(self.tree.mount, child) == session.agent_path:
+                with contextlib.suppress(cgroupfs.CgroupError):  # it ended meanwhile
+                    cgroupfs.move(call.path, child)
+                pending.extend(procs.children(child))
+
+    def _new_call(
+        self, session: Session, intent: Intent, report_exit: bool, confined: bool, implicit: bool
+    ) -> ToolCall:
+        """Validate, derive limits, create the labelled cgroup with its knobs, watch and track it."""
         validate_intent(intent, self.config)
         active = sum(1 for c in session.calls.values() if c.state != CallState.FINISHED)
         if active >= self.config.max_active_calls_per_session:
@@ -208,27 +268,34 @@ class Engine:
             implicit=implicit,
         )
         try:
+            call.not_enforced = tuple(cgroupfs.apply_knobs(call.path, limits.knobs(), self.caps.enforced))
+            call.not_enforced = self.network.enforcement(call)
             cgroupfs.set_label(path, "call", call.label())
-            call.not_enforced = self._apply_call_limits(call, limits)
             self._watch(call)
+            self.tracking.add_call(call)
         except BaseException:
-            cgroupfs.remove_tree(path)
+            self._discard(call)
             raise
-        token = secrets.token_urlsafe(24)
-        self._join_tokens[token] = call_id
+        return call
+
+    def _register_call(self, session: Session, call: ToolCall) -> None:
         call.done = self.loop.create_future()
-        call.timers.append(self.loop.call_later(self.config.join_timeout_seconds, self._join_expired, call))
-        self.calls[call_id] = call
-        session.calls[call_id] = call
+        self.calls[call.id] = call
+        session.calls[call.id] = call
         for listener in self.on_begin:
             listener(call)
-        return call, token
 
-    def _apply_call_limits(self, call: ToolCall, limits: Limits) -> tuple[str, ...]:
-        skipped = cgroupfs.apply_knobs(call.path, limits.knobs(), self.caps.enforced)
-        if limits.network == Network.NONE:
-            skipped.append("network")
-        return tuple(skipped)
+    def _discard(self, call: ToolCall) -> None:
+        """Undo _new_call for a call that never became visible: no record, no metrics."""
+        self._release(call)
+        cgroupfs.remove_tree(call.path)
+
+    def _release(self, call: ToolCall) -> tuple[int, int]:
+        """Stop watching and tracking the call; returns (network denials, forks) as last counted."""
+        if call.events_fd is not None:
+            self.watcher.unwatch(call.events_fd)
+            call.events_fd = None
+        return self.network.release(call), self.tracking.remove_call(call)
 
     def _watch(self, call: ToolCall) -> None:
         call.events_fd = self.watcher.watch(call.path / "cgroup.events", lambda fd: self._on_events(call, fd))
@@ -257,14 +324,21 @@ class Engine:
             cgroupfs.move(call.path, pid)
         except cgroupfs.CgroupError as exc:
             raise FailedPrecondition(f"could not place pid {pid}: {exc}") from exc
+        if not cgroupfs.populated(call.path):  # the kernel skips an exiting process without an error
+            raise FailedPrecondition(f"could not place pid {pid}: it has exited")
         del self._join_tokens[token]
+        self._start(call, pid)
+        return call
+
+    def _start(self, call: ToolCall, pid: int) -> None:
+        """The call's first process is in: RUNNING, timeout armed, start time labelled."""
         call.cancel_timers()
+        call.pid = pid
         call.state = CallState.RUNNING
         call.started = time.time()
         call.timers.append(self.loop.call_later(call.limits.timeout_seconds, self._timed_out, call))
         with contextlib.suppress(OSError):
             cgroupfs.set_label(call.path, "started", repr(call.started).encode())
-        return call
 
     def _join_expired(self, call: ToolCall) -> None:
         if call.state == CallState.PENDING:
@@ -328,14 +402,13 @@ class Engine:
         """Read accounting, record, remove the cgroup, answer waiters. Idempotent."""
         if call.state == CallState.FINISHED:
             return None
+        self.tracking.drain()  # the exits of the call's processes are in the ring buffer by now
         ran = call.state != CallState.PENDING
         call.state = CallState.FINISHED
         call.cancel_timers()
-        if call.events_fd is not None:
-            self.watcher.unwatch(call.events_fd)
-            call.events_fd = None
         stats = cgroupfs.read_stats(call.path)
-        result = self._result(call, stats, ran)
+        denials, forks = self._release(call)
+        result = self._result(call, stats, ran, denials, forks)
         self.records.append(result)
         if not cgroupfs.remove(call.path):
             self.loop.create_task(self._remove_later(call.path))
@@ -349,8 +422,10 @@ class Engine:
             listener(result)
         return result
 
-    def _result(self, call: ToolCall, stats: cgroupfs.CgroupStats, ran: bool) -> Result:
-        outcome = classify(ran, stats, call.kill_reason, call.exit_status)
+    def _result(self, call: ToolCall, stats: cgroupfs.CgroupStats, ran: bool, denials: int, forks: int) -> Result:
+        # The client's report first, then the kernel's word on the first process.
+        exit_status = call.exit_status if call.exit_status is not None else call.kernel_exit
+        outcome = classify(ran, stats, call.kill_reason, exit_status)
         ended = time.time()
         return Result(
             call_id=call.id,
@@ -358,7 +433,7 @@ class Engine:
             tool=call.intent.tool,
             argv=call.intent.argv,
             outcome=outcome,
-            exit_status=call.exit_status,
+            exit_status=exit_status,
             memory_peak=stats.memory_peak,
             memory_events=dict(stats.memory_events),
             cpu_user_seconds=stats.cpu_user_usec / 1e6,
@@ -370,11 +445,16 @@ class Engine:
             ended_unix=ended,
             limits=call.limits,
             not_enforced=call.not_enforced,
-            feedback=feedback(outcome, stats, call.limits, call.exit_status, call.not_enforced, call.kill_detail),
+            feedback=feedback(
+                outcome, stats, call.limits, exit_status, call.not_enforced, call.kill_detail, denials
+            ),
             retryable=retryable(outcome),
             implicit=call.implicit,
             labels=dict(call.intent.labels),
             kill_reason=call.kill_detail,
+            network_denials=denials,
+            forks=forks,
+            capture=call.capture,
         )
 
     async def _remove_later(self, path: Path) -> None:
@@ -535,6 +615,8 @@ class Engine:
         call.done = self.loop.create_future()
         self.calls[call.id] = call
         session.calls[call.id] = call
+        self.tracking.add_call(call)  # its first process is unknown: no exit status from the kernel
+        call.not_enforced = self.network.enforcement(call)
         if call.state == CallState.PENDING:
             # Its join token died with the old daemon: nothing can join any more.
             call.kill_reason, call.kill_detail = KillReason.CANCELLED, "daemon restarted before any process joined"
@@ -550,6 +632,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop watching; running calls and sessions stay in the kernel for the next start to adopt."""
+        self.tracking.close()
         for call in self.calls.values():
             call.cancel_timers()
             if call.events_fd is not None:

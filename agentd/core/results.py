@@ -59,6 +59,15 @@ class ExitStatus:
 
 
 @dataclass(frozen=True)
+class Capture:
+    """How an implicit call was captured: the rule that matched, exec -> moved, memory left behind."""
+
+    rule: str
+    latency_seconds: float
+    memory_before_move: int  # RssAnon when moved: charged to agent/ (cgroup v2 does not move charges)
+
+
+@dataclass(frozen=True)
 class Result:
     call_id: str
     session_id: str
@@ -82,6 +91,9 @@ class Result:
     implicit: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     kill_reason: str = ""
+    network_denials: int = 0
+    forks: int = -1  # processes forked inside the call, from the lifecycle program; -1 = not tracked
+    capture: Capture | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dict(vars(self))
@@ -90,6 +102,7 @@ class Result:
         data["not_enforced"] = list(self.not_enforced)
         data["limits"] = self.limits.to_json()
         data["exit_status"] = vars(self.exit_status) if self.exit_status is not None else None
+        data["capture"] = vars(self.capture) if self.capture is not None else None
         return data
 
     @staticmethod
@@ -101,6 +114,8 @@ class Result:
         values["limits"] = Limits(**values["limits"])
         status = values["exit_status"]
         values["exit_status"] = ExitStatus(**status) if status is not None else None
+        capture = values.get("capture")
+        values["capture"] = Capture(**capture) if capture is not None else None
         return Result(**values)
 
 
@@ -124,6 +139,7 @@ def feedback(
     exit_status: ExitStatus | None,
     not_enforced: tuple[str, ...],
     kill_detail: str,
+    network_denials: int,
 ) -> str:
     """One paragraph: what happened, which limit, the peak, and a concrete next step."""
     peak = format_size(stats.memory_peak) if stats.memory_peak >= 0 else "not measured on this kernel"
@@ -162,6 +178,12 @@ def feedback(
         parts.append(
             f"It was throttled {high_events} times at its expected memory of {format_size(limits.memory_high)} "
             f"(memory.high): declare more expected memory next time to run without the slowdown."
+        )
+    if network_denials:
+        times = "time" if network_denials == 1 else "times"
+        parts.append(
+            f"Its network intent is NONE: network access denied {network_denials} {times} (connect/send failed "
+            f"with EPERM). If the command needs the network, declare network ANY."
         )
     if not_enforced:
         parts.append(f"Not enforced on this kernel: {', '.join(not_enforced)}.")

@@ -22,6 +22,12 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AGENT_LEAF = "agent"
 
 
+class CaptureMode(IntEnum):
+    UNSPECIFIED = 0  # the config's [capture] enabled
+    ON = 1
+    OFF = 2
+
+
 class Priority(IntEnum):
     UNSPECIFIED = 0
     HIGH = 1
@@ -37,6 +43,7 @@ class SessionSpec:
     memory_protected: int = 0
     pids_budget: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    capture: int = CaptureMode.UNSPECIFIED
 
 
 def validate_spec(spec: SessionSpec, config: Config) -> None:
@@ -52,6 +59,7 @@ def validate_spec(spec: SessionSpec, config: Config) -> None:
     if spec.pids_budget < 0 or spec.pids_budget > 4194304:
         raise InvalidArgument("spec.pids_budget", "must be between 0 and 4194304")
     check_labels("spec.labels", spec.labels)
+    check_enum("spec.capture", spec.capture, CaptureMode)
 
 
 def new_token() -> str:
@@ -70,6 +78,7 @@ class Session:
     created: float
     not_enforced: list[str] = field(default_factory=list)
     calls: dict[str, ToolCall] = field(default_factory=dict)
+    deleting: bool = False  # DeleteSession is in progress: nothing new is captured
 
     @property
     def id(self) -> str:

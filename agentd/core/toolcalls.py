@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.core.intents import Intent, Limits
-from agentd.core.results import ExitStatus, KillReason, Result
+from agentd.core.results import Capture, ExitStatus, KillReason, Result
 
 CALL_PREFIX = "tc-"
 
@@ -47,7 +47,10 @@ class ToolCall:
     not_enforced: tuple[str, ...] = ()
     state: CallState = CallState.PENDING
     started: float = 0.0
-    exit_status: ExitStatus | None = None
+    exit_status: ExitStatus | None = None  # as reported by the client (EndToolCall)
+    pid: int = 0  # the first process, placed into the call (0: not placed, or adopted after a restart)
+    kernel_exit: ExitStatus | None = None  # how that process ended, from the lifecycle program
+    capture: Capture | None = None  # implicit calls: how they were captured
     kill_reason: KillReason = KillReason.NONE
     kill_detail: str = ""
     emptied: bool = False

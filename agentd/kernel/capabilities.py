@@ -20,6 +20,9 @@ class Capabilities:
     sched_ext: bool
     memory_peak: bool = False    # memory.peak exists (kernel >= 5.19 with the memory controller)
     warnings: list[str] = field(default_factory=list)
+    bpf_lifecycle: bool = False  # the lifecycle BPF program is loaded and attached
+    bpf_network: bool = False    # the network policy BPF program is attached
+    bpf_errors: list[str] = field(default_factory=list)  # why a BPF program is not loaded
 
     def describe_missing(self) -> str:
         knobs = {

@@ -223,7 +223,10 @@ def memory_current(path: Path) -> int:
 
 def cgroup_of_pid(mount: Path, pid: int) -> Path | None:
     """The cgroup v2 directory of a process, or None if it is gone."""
-    text = read_text(Path(f"/proc/{pid}/cgroup"))
+    try:
+        text = read_text(Path(f"/proc/{pid}/cgroup"))
+    except ProcessLookupError:  # it exited between open and read
+        return None
     if text is None:
         return None
     for line in text.splitlines():

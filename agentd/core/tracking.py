@@ -1,0 +1,137 @@
+"""Process tracking with the lifecycle BPF program, in the engine's terms.
+
+The kernel reports forks, execs and exits of the cgroups added here (session agent/ leaves and tool-call
+leaves) and drops everything else. Events are read on the event loop when the ring buffer's fd is
+readable (an exec in an agent leaf, or a backlog) and by drain(), which the engine calls before it
+finalises a call so that the exits of its processes are in. An exit gives a call the exit status of its
+first process; an exec in an agent leaf goes to on_agent_exec (auto-capture). Per-session fork/exec/exit
+counts add the kernel's per-cgroup counters, those of ended calls included.
+
+Without the program (tracker None) every method is a no-op and nothing is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from agentd.core.results import ExitStatus
+from agentd.core.sessions import Session
+from agentd.core.toolcalls import ToolCall
+from agentd.kernel import cgroupfs
+from agentd.kernel.bpf.libbpf import BpfError
+from agentd.kernel.bpf.lifecycle import CgroupKind, EventType, LifecycleTracker, ProcessCounters, ProcessEvent
+
+log = logging.getLogger(__name__)
+
+ExecListener = Callable[[Session, ProcessEvent], None]
+NONE_COUNTED = ProcessCounters(0, 0, 0)
+
+
+def _add(a: ProcessCounters, b: ProcessCounters) -> ProcessCounters:
+    return ProcessCounters(a.forks + b.forks, a.execs + b.execs, a.exits + b.exits)
+
+
+class Tracking:
+    def __init__(self, tracker: LifecycleTracker | None, loop: asyncio.AbstractEventLoop) -> None:
+        self._tracker = tracker
+        self._loop = loop
+        self._calls: dict[int, ToolCall] = {}  # by cgroup id
+        self._agent_leaves: dict[int, Session] = {}  # by cgroup id
+        self._session_of: dict[int, str] = {}  # session id of every tracked cgroup id
+        self._ended: dict[str, ProcessCounters] = {}  # per tracked session: counts of its ended calls
+        self.on_agent_exec: ExecListener | None = None
+        if tracker is not None:
+            loop.add_reader(tracker.epoll_fd(), self.drain)
+
+    @property
+    def enabled(self) -> bool:
+        return self._tracker is not None
+
+    def add_session(self, session: Session) -> None:
+        cgroup_id = cgroupfs.cgroup_id(session.agent_path)
+        if self._manage(cgroup_id, CgroupKind.AGENT_LEAF, session.id):
+            self._agent_leaves[cgroup_id] = session
+            self._ended[session.id] = NONE_COUNTED
+
+    def remove_session(self, session: Session) -> None:
+        leaf = next((cgroup_id for cgroup_id, known in self._agent_leaves.items() if known is session), None)
+        if leaf is not None:
+            del self._agent_leaves[leaf]
+            self._unmanage(leaf)
+        self._ended.pop(session.id, None)
+
+    def add_call(self, call: ToolCall) -> None:
+        if self._manage(call.cgroup_id, CgroupKind.TOOL_CALL, call.session_id):
+            self._calls[call.cgroup_id] = call
+
+    def remove_call(self, call: ToolCall) -> int:
+        """Stop tracking the call; returns how many processes it forked (-1: not tracked)."""
+        if self._calls.pop(call.cgroup_id, None) is None:
+            return -1
+        counters = self._unmanage(call.cgroup_id)
+        if counters is None:
+            return -1
+        if call.session_id in self._ended:
+            self._ended[call.session_id] = _add(self._ended[call.session_id], counters)
+        return counters.forks
+
+    def drain(self) -> None:
+        """Dispatch every event waiting in the ring buffer."""
+        if self._tracker is None:
+            return
+        try:
+            events = self._tracker.consume()
+        except BpfError as exc:
+            log.error("reading lifecycle events failed", extra={"error": str(exc)})
+            return
+        for event in events:
+            if event.type is EventType.EXIT:
+                call = self._calls.get(event.cgroup_id)
+                if call is not None and event.tgid == call.pid and call.kernel_exit is None:
+                    call.kernel_exit = ExitStatus.from_wait_status(event.wait_status)
+            elif event.type is EventType.EXEC and self.on_agent_exec is not None:
+                session = self._agent_leaves.get(event.cgroup_id)
+                if session is not None:
+                    try:
+                        self.on_agent_exec(session, event)
+                    except Exception:  # a bug there must not cost the other events
+                        log.exception("exec listener failed", extra={"session": session.id, "pid": event.tgid})
+
+    def session_counters(self) -> dict[str, ProcessCounters]:
+        """Forks, execs and exits per session since it was created or adopted by this daemon."""
+        totals = dict(self._ended)
+        if self._tracker is not None:
+            for cgroup_id, counters in self._tracker.all_counters().items():
+                session_id = self._session_of.get(cgroup_id)
+                if session_id in totals:
+                    totals[session_id] = _add(totals[session_id], counters)
+        return totals
+
+    def lost(self) -> int:
+        """Events the kernel dropped because the ring buffer was full."""
+        return self._tracker.lost() if self._tracker is not None else 0
+
+    def close(self) -> None:
+        if self._tracker is not None:
+            self._loop.remove_reader(self._tracker.epoll_fd())
+
+    def _manage(self, cgroup_id: int, kind: CgroupKind, session_id: str) -> bool:
+        if self._tracker is None:
+            return False
+        try:
+            self._tracker.add_cgroup(cgroup_id, kind)
+        except BpfError as exc:  # e.g. the map is full
+            log.error("cgroup not tracked", extra={"cgroup_id": cgroup_id, "error": str(exc)})
+            return False
+        self._session_of[cgroup_id] = session_id
+        return True
+
+    def _unmanage(self, cgroup_id: int) -> ProcessCounters | None:
+        """Remove a cgroup from the kernel's map; its last counters."""
+        assert self._tracker is not None
+        self._session_of.pop(cgroup_id, None)
+        counters = self._tracker.counters(cgroup_id)
+        self._tracker.remove_cgroup(cgroup_id)
+        return counters

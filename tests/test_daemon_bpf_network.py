@@ -1,0 +1,94 @@
+"""Network intent NONE in the daemon (netpolicy program attached at the sessions root): such a call gets EPERM
+connecting to a 127.0.0.1 listener this test opens, unless the config allows loopback; a call with network ANY
+next to it connects; denials are counted in the result; a restarted daemon polices adopted calls again.
+Connections only ever go to listeners the test opened on 127.0.0.1."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+from bpf_support import requires_root
+from support import Daemon, create_session
+
+from agentd.api.gen import agentd_pb2 as pb
+from agentd.client import Client
+
+pytestmark = requires_root
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A TCP listener on 127.0.0.1; its port. Connections wait in its backlog."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+def connector(port: int, wait_fd: int | None = None) -> list[str]:
+    """A command that (after a byte on wait_fd, if given) connects to the listener; exits with the errno."""
+    wait = f"os.read({wait_fd}, 1)\n" if wait_fd is not None else ""
+    code = (
+        f"import os, socket, sys\n{wait}"
+        f"try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=5).close()\n"
+        "except OSError as exc:\n    sys.exit(exc.errno)\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def held_connector(admin: Client, sid: str, network: int, port: int) -> tuple[pb.BeginToolCallResponse, int, int]:
+    """A call whose process waits for a byte before it connects: (begun, pid, fd to release it with)."""
+    read_fd, write_fd = os.pipe()
+    os.set_inheritable(read_fd, True)
+    begun = admin.begin(pb.Intent(tool="connect", network=network), sid, report_exit=False)
+    pid = admin.spawn(begun, connector(port, read_fd))
+    os.close(read_fd)
+    return begun, pid, write_fd
+
+
+def release(pid: int, go: int) -> int:
+    """Let a held connector connect; its exit status (the errno, 0 if connected)."""
+    os.write(go, b"x")
+    os.close(go)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_none_is_denied_next_to_any(daemon: Daemon, session: tuple[str, str], listener: int) -> None:
+    sid, _ = session
+    with daemon.admin() as admin:
+        denied, denied_pid, go = held_connector(admin, sid, pb.NETWORK_NONE, listener)
+        assert "network" not in denied.limits.not_enforced
+        # While the NONE call runs (policed), a call with network ANY in the same session connects.
+        allowed = admin.run(connector(listener), sid, network=pb.NETWORK_ANY)
+        assert (allowed.exit_code, allowed.result.network_denials) == (0, 0)
+        assert release(denied_pid, go) == errno.EPERM
+        result = admin.wait(denied.call_id, timeout=10)
+    assert (result.outcome, result.exit_code, result.network_denials) == (pb.OUTCOME_FAILED, errno.EPERM, 1)
+    assert "network access denied 1 time " in result.feedback
+    assert "network" not in result.limits.not_enforced
+
+
+def test_loopback_allowed_by_config(daemon_factory: Callable[..., Daemon], listener: int) -> None:
+    d = daemon_factory(limits={"network_none_allows_loopback": True}).start()
+    with d.admin() as admin:
+        sid, _ = create_session(admin)
+        ran = admin.run(connector(listener), sid, network=pb.NETWORK_NONE)
+    assert (ran.exit_code, ran.result.outcome, ran.result.network_denials) == (0, pb.OUTCOME_OK, 0)
+    assert "network" not in ran.result.limits.not_enforced and "denied" not in ran.result.feedback
+
+
+def test_adopted_call_is_policed_again(daemon_factory: Callable[..., Daemon], listener: int) -> None:
+    d = daemon_factory().start()
+    with d.admin() as admin:
+        sid, _ = create_session(admin)
+        begun, pid, go = held_connector(admin, sid, pb.NETWORK_NONE, listener)
+    d.kill9()  # its BPF links die with it: nothing is policed until the next start
+    d.start()
+    with d.admin() as admin:
+        assert pid in admin.call("GetToolCall", pb.ToolCallRequest(call_id=begun.call_id)).pids  # adopted
+        assert release(pid, go) == errno.EPERM
+        result = admin.wait(begun.call_id, timeout=10)
+    assert result.network_denials == 1 and "network" not in result.limits.not_enforced
