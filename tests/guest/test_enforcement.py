@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 from support import AGENTCTL, Daemon, create_session, rpc_error, spawn_in, wait_for
@@ -33,6 +34,8 @@ def test_controllers_enforced_and_probe(daemon: Daemon) -> None:
     assert {"memory", "cpu", "pids"} <= set(status.controllers_enforced)
     assert status.controllers_missing == []
     assert status.psi_available and status.sched_ext_available
+    # The CO-RE objects built against the host's BTF load on this kernel too.
+    assert status.bpf_lifecycle and status.bpf_network, list(status.bpf_errors)
     assert os.path.exists("/sys/kernel/sched_ext/state")
 
 
@@ -189,3 +192,21 @@ def test_update_below_usage_is_refused_and_throttles(daemon: Daemon, session: tu
         result = admin.end(begun.call_id, None)
         proc.wait(30)
         assert result.outcome == pb.OUTCOME_CANCELLED and result.memory_events.oom_kill == 0
+
+
+def test_captured_command_is_limited_like_a_declared_one(daemon_factory: Callable[..., Daemon]) -> None:
+    """An undeclared `bash -c` from the agent is captured into its own call with the default intent (here 64 MiB
+    expected, so memory.max 96 MiB), and that limit really holds: the command is OOM-killed, the agent lives on."""
+    d = daemon_factory(limits={"memory_class_medium": "64M"}).start()
+    command = f"{sys.executable} -c \"b = b'x' * (256 << 20)\""
+    agent_code = f"import subprocess; print(subprocess.run(['bash', '-c', {command!r}]).returncode)"
+    with d.admin() as admin:
+        sid, _ = create_session(admin, "captured")
+        agent = spawn_in(d.session_path(sid) / "agent", [sys.executable, "-c", agent_code], stdout=subprocess.PIPE)
+        out, _ = agent.communicate(timeout=300)
+        assert agent.returncode == 0 and int(out) == -9  # the agent saw its tool killed, and lives on
+        listed = admin.call("ListToolCalls", pb.ListToolCallsRequest(session_id=sid, limit=5))
+        captured = [r for r in listed.finished if r.implicit]
+        assert captured and captured[0].outcome == pb.OUTCOME_OOM_KILLED
+        assert captured[0].limits.memory_max_bytes == 96 * MIB
+        assert captured[0].memory_peak_bytes <= 96 * MIB
