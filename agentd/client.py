@@ -55,7 +55,8 @@ class Client:
         self.stub: Any = pb_grpc.SandboxStub(self.channel) if token else self.admin  # type: ignore[no-untyped-call]
         self.timeout = timeout
         self._metadata = ((TOKEN_METADATA, token),) if token else ()
-        self._placements: dict[str, Placement] = {}
+        self._join: Placement | None = None  # one join connection, reused for every call this client places
+        self._placed: set[str] = set()
 
     @staticmethod
     def from_env(socket_path: str | None = None) -> Client:
@@ -70,9 +71,14 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        for placement in self._placements.values():
-            placement.close()
+        self._drop_join()
         self.channel.close()
+
+    def _drop_join(self) -> None:
+        if self._join is not None:
+            self._join.close()
+            self._join = None
+        self._placed.clear()
 
     def call(self, method: str, request: Any, timeout: float | None = DEFAULT_TIMEOUT, admin: bool = False) -> Any:
         """Invoke an RPC by name with the session token attached; waits for a restarting daemon.
@@ -90,16 +96,14 @@ class Client:
 
     def end(self, call_id: str, wait_status: int | None) -> pb.ToolCallResult:
         """Report the tool's wait status (None: unknown; a running call is then cancelled) and return the result.
-        A call placed by spawn() is ended on its join connection; otherwise, or if that connection broke (a
+        A call placed by this client is ended on the join connection; otherwise, or if that connection broke (a
         daemon restart), through EndToolCall."""
-        placement = self._placements.pop(call_id, None)
-        if placement is not None:
+        if call_id in self._placed and self._join is not None:
+            self._placed.discard(call_id)
             try:
-                return placement.end(call_id, wait_status)
+                return self._join.end(call_id, wait_status)
             except (OSError, JoinError):
-                pass
-            finally:
-                placement.close()
+                self._drop_join()
         request = pb.EndToolCallRequest(call_id=call_id)
         if wait_status is not None:
             request.has_exit_status = True
@@ -129,17 +133,25 @@ class Client:
         return pid
 
     def place(self, begun: pb.BeginToolCallResponse, pid: int) -> None:
-        """Have agentd move process `pid` into the call; the join connection is kept for end()."""
-        placement = Placement(begun.join_socket)
+        """Have agentd move process `pid` into the call, over the client's join connection (opened on first use,
+        opened again once if agentd closed it while idle)."""
         pidfd = os.pidfd_open(pid)
         try:
-            placement.place(begun.join_token, pidfd)
-        except (OSError, JoinError) as exc:
-            placement.close()
-            raise RunError(f"agentd: could not place the tool call's process: {exc}") from None
+            for attempt in (1, 2):
+                if self._join is None:
+                    self._join = Placement(begun.join_socket)
+                try:
+                    self._join.place(begun.join_token, pidfd)
+                    break
+                except (OSError, JoinError) as exc:
+                    stale = isinstance(exc, OSError) or exc.code == "UNAVAILABLE"
+                    if stale:
+                        self._drop_join()
+                    if not stale or attempt == 2:
+                        raise RunError(f"agentd: could not place the tool call's process: {exc}") from None
         finally:
             os.close(pidfd)
-        self._placements[begun.call_id] = placement
+        self._placed.add(begun.call_id)
 
     def run(
         self,

@@ -391,7 +391,11 @@ class Engine:
             return
         call.emptied = True
         call.cancel_timers()
-        if call.report_exit and call.exit_status is None and not call.end_requested:
+        waiting = call.report_exit and call.exit_status is None and not call.end_requested
+        if waiting:
+            self.tracking.drain()  # the lifecycle program may already say how the first process ended
+            waiting = call.kernel_exit is None
+        if waiting:
             call.timers.append(
                 self.loop.call_later(self.config.exit_report_grace_seconds, self._finalise, call)
             )
