@@ -1,13 +1,15 @@
 """Cost of the lifecycle BPF programs on fork+exec, and the event rate the loader sustains.
 
 Worker processes run blocks of posix_spawn(/bin/true) + waitpid on request: one outside any managed
-cgroup, one in a managed tool-call cgroup (its events are batched) and one in a managed agent leaf (each
-exec wakes the consumer: the auto-capture path). Each round runs, per place, a block with the lifecycle
-programs attached and one without, back to back (both orders alternate between rounds). The ratio
-attached/detached of each pair cancels the machine's drift; the reported ratios are medians over rounds,
-of wall time and of the CPU time the worker and its children used. While attached, this process consumes
-the events through the ring buffer's epoll fd as the daemon would; its CPU time per spawn is reported,
-and so is the programs' own run time (BPF_ENABLE_STATS).
+cgroup, one in a managed tool-call cgroup (its events are batched) and one in a managed agent leaf (the
+auto-capture path: the wakeup names are the daemon's default capture rules, [capture] shells and
+commands, which /bin/true does not match, so its execs are batched too; a matching one would wake the
+consumer). Each round runs, per place, a block with the lifecycle programs attached and one without,
+back to back (both orders alternate between rounds). The ratio attached/detached of each pair cancels
+the machine's drift; the reported ratios are medians over rounds, of wall time and of the CPU time the
+worker and its children used. While attached, this process consumes the events through the ring buffer's
+epoll fd as the daemon would; its CPU time per spawn is reported, and so is the programs' own run time
+(BPF_ENABLE_STATS).
 
 Then shell workers fork as fast as they can in the tool-call cgroup while the events are consumed (the
 live rate, and whether any event was lost), and a burst left unconsumed until it ends shows how fast the
@@ -15,8 +17,8 @@ loader drains a full backlog.
 
 usage: python3 bench/bpf_overhead.py [--n 5000] [--rounds 100] [--burst 20000] [--burst-workers 2]
 Needs root, the objects from `make -C bpf` and a cgroup2 mount. The last line is machine-readable, with
-the wall-time ratios (inside = the tool-call cgroup):
-outside_ratio=<a> inside_ratio=<b> events_per_s=<c> lost=<n>
+the wall-time ratios (inside = the tool-call cgroup, agent_leaf = the agent leaf):
+outside_ratio=<a> inside_ratio=<b> agent_leaf_ratio=<c> events_per_s=<d> lost=<n>
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from agentd.core.capture import Rules
+from agentd.core.config import load_config
 from agentd.kernel.bpf import cgroup_id
 from agentd.kernel.bpf.lifecycle import CgroupKind, LifecycleTracker, ProcessEvent
 from agentd.kernel.mounts import find_cgroup2_mount
@@ -58,6 +62,8 @@ KINDS = {"tool call": CgroupKind.TOOL_CALL, "agent leaf": CgroupKind.AGENT_LEAF}
 PLACES = ("outside", *KINDS)
 BACKLOG = 5000  # forks left unconsumed: 10,000 events of 80 bytes fit the 1 MiB ring buffer
 SYS_BPF, BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 321, 32, 0  # x86-64
+_DEFAULTS = load_config(None)
+WAKE_NAMES = Rules(_DEFAULTS.capture_shells, _DEFAULTS.capture_commands).names()  # as the daemon sets them
 
 Managed = dict[str, Path]  # cgroup by managed place
 Workers = dict[str, subprocess.Popen[str]]  # spawn worker by place
@@ -92,6 +98,7 @@ def tracking(managed: Managed, attached: bool = True) -> Iterator[LifecycleTrack
         yield None
         return
     with LifecycleTracker() as tracker:
+        tracker.set_wake_names(WAKE_NAMES)
         for place, cgroup in managed.items():
             tracker.add_cgroup(cgroup_id(cgroup), KINDS[place])
         yield tracker
@@ -262,7 +269,7 @@ def main() -> None:
     )
     print(
         f"outside_ratio={wall_ratio['outside']:.4f} inside_ratio={wall_ratio['tool call']:.4f}"
-        f" events_per_s={rate:.0f} lost={lost}"
+        f" agent_leaf_ratio={wall_ratio['agent leaf']:.4f} events_per_s={rate:.0f} lost={lost}"
     )
 
 

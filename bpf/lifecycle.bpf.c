@@ -8,8 +8,12 @@
  * thread-group leaders. The layouts below are decoded by agentd/kernel/bpf/lifecycle.py.
  *
  * Waking the consumer costs more than everything else here (an irq_work self-IPI, expensive in VMs, and
- * a context switch), so only execs in agent leaves, which auto-capture must act on at once, wake it.
- * Other events wait for the consumer's next read, or wake it once WAKEUP_BYTES are pending.
+ * a context switch), so only execs in agent leaves that auto-capture may act on wake it at once: those
+ * whose basename (the exec'd filename's last path component, as reported) has its key in `wake_names`,
+ * which agentd fills from its capture rules (until it sets `wake_filter`, every exec in an agent leaf
+ * wakes). A key is the basename's first WAKE_NAME_LEN - 1 bytes, zero padded, so a longer basename shares
+ * the key of its prefix: a spurious wakeup at worst, never a missed one. All other events, other
+ * agent-leaf execs included, wait for the consumer's next read, or wake it once WAKEUP_BYTES are pending.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_core_read.h>
@@ -22,6 +26,7 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define FILENAME_LEN 256
 #define ARGS_LEN 256
 #define WAKEUP_BYTES (64 << 10)
+#define WAKE_NAME_LEN 16 /* key size of wake_names: up to 15 bytes of a basename and a NUL */
 #define CGROUP_AGENT_LEAF 1 /* in managed_cgroup.flags */
 
 enum event_type { EV_FORK = 1, EV_EXEC = 2, EV_EXIT = 3 };
@@ -66,6 +71,26 @@ struct {
 	__type(key, __u64);
 	__type(value, struct managed_cgroup);
 } managed SEC(".maps");
+
+/* Basenames whose exec in an agent leaf wakes the consumer at once; the value is unused. */
+struct wake_name {
+	char name[WAKE_NAME_LEN];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct wake_name);
+	__type(value, __u8);
+} wake_names SEC(".maps");
+
+/* Entry 0: nonzero once agentd has filled wake_names; until then every exec in an agent leaf wakes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} wake_filter SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -141,6 +166,33 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 	return 0;
 }
 
+/*
+ * Whether the basename of filename, a string of size bytes (NUL included) in the event, has its key in
+ * wake_names (true while wake_filter is off). The scan runs backwards from the end, so the verifier
+ * follows one index rather than every position of the last '/'.
+ */
+static __always_inline bool wakes(const char *filename, long size)
+{
+	struct wake_name key = {};
+	__u32 zero = 0;
+	__u32 *filter = bpf_map_lookup_elem(&wake_filter, &zero);
+	long start = 0;
+
+	if (!filter || !*filter)
+		return true;
+	if (size < 2 || size > FILENAME_LEN)
+		return false;
+	for (long i = size - 2; i >= 0; i--) {
+		if (filename[i & (FILENAME_LEN - 1)] == '/') {
+			start = i + 1;
+			break;
+		}
+	}
+	/* The first WAKE_NAME_LEN - 1 bytes, NUL-terminated; the rest of key stays zero. */
+	bpf_probe_read_kernel_str(key.name, sizeof(key.name), filename + (start & (FILENAME_LEN - 1)));
+	return bpf_map_lookup_elem(&wake_names, &key) != NULL;
+}
+
 SEC("tp_btf/sched_process_exec")
 int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
 {
@@ -157,7 +209,8 @@ int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binp
 		return 0;
 	fill(&e->base, EV_EXEC, task, cgroup_id, m->flags);
 	e->_pad = 0;
-	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), BPF_CORE_READ(bprm, filename));
+	long filename_size =
+		bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), BPF_CORE_READ(bprm, filename));
 
 	/* argv was just copied onto the new stack, so the pages are present. */
 	unsigned long arg_start = BPF_CORE_READ(task, mm, arg_start);
@@ -169,7 +222,7 @@ int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binp
 		size = ARGS_LEN;
 	if (bpf_probe_read_user(e->args, size, (void *)arg_start))
 		e->args_size = 0;
-	submit(e, e->base.cgroup_flags & CGROUP_AGENT_LEAF);
+	submit(e, (e->base.cgroup_flags & CGROUP_AGENT_LEAF) && wakes(e->filename, filename_size));
 	return 0;
 }
 

@@ -1,6 +1,8 @@
 """The lifecycle programs on this host's kernel: events of managed cgroups arrive with the right pids,
-parents, cgroup and exit status; other cgroups are filtered in the kernel; an exec in an agent leaf wakes
-the ring buffer's epoll fd at once, other events only once a backlog builds up."""
+parents, cgroup and exit status; other cgroups are filtered in the kernel; an exec in an agent leaf of a
+file whose basename is a wake name (any file until wake names are set) wakes the ring buffer's epoll fd at
+once, other events (other execs in agent leaves included, still counted and reported) only once a backlog
+builds up."""
 
 from __future__ import annotations
 
@@ -16,7 +18,14 @@ import pytest
 from bpf_support import Cgroups, popen_in_cgroup, requires_root
 
 from agentd.kernel.bpf import cgroup_id
-from agentd.kernel.bpf.lifecycle import CgroupKind, EventType, LifecycleTracker, ProcessCounters
+from agentd.kernel.bpf.lifecycle import (
+    CgroupKind,
+    EventType,
+    LifecycleTracker,
+    ProcessCounters,
+    ProcessEvent,
+    wake_name_key,
+)
 
 pytestmark = requires_root
 
@@ -95,19 +104,77 @@ def test_managed_events_arrive_and_unmanaged_are_filtered(
     assert tracker.lost() == 0
 
 
-def test_exec_in_agent_leaf_wakes_the_consumer(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
-    leaf = cgroups.make()
-    tracker.add_cgroup(cgroup_id(leaf), CgroupKind.AGENT_LEAF)
-    argv = ["/bin/sleep", "30"]
-    sleeper = popen_in_cgroup(leaf, argv)
+def exec_while_running(
+    tracker: LifecycleTracker, cgroup: Path, argv: list[str], wakes: bool
+) -> tuple[ProcessEvent, int]:
+    """Start argv (a long sleep) in cgroup; whether its exec makes the epoll fd readable while the process
+    still runs must be `wakes`. Returns its exec event (read by consume()) and pid."""
+    tracker.consume()  # what earlier processes left
+    counted = tracker.counters(cgroup_id(cgroup))
+    assert counted is not None
+    sleeper = popen_in_cgroup(cgroup, argv)
     try:
-        assert readable(tracker, timeout=5)  # while the process still runs
+        if wakes:
+            assert readable(tracker, timeout=5)
+        else:
+            deadline = time.monotonic() + 5
+            while tracker.counters(cgroup_id(cgroup)) == counted:
+                assert time.monotonic() < deadline, "exec not counted"
+                time.sleep(0.01)
+            assert not readable(tracker, timeout=0.3)  # exec'd and counted, but batched
         (execed,) = tracker.consume()
+        assert not readable(tracker)  # as the event loop polls after reading: nothing is left
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert (execed.type, execed.pid, execed.comm) == (EventType.EXEC, sleeper.pid, "sleep")
-    assert (execed.filename, execed.argv, execed.cgroup_kind) == (argv[0], tuple(argv), CgroupKind.AGENT_LEAF)
+    assert (execed.type, execed.pid, execed.argv) == (EventType.EXEC, sleeper.pid, tuple(argv))
+    return execed, sleeper.pid
+
+
+def test_exec_of_a_wake_name_in_agent_leaf_wakes_the_consumer(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+    leaf = cgroups.make()
+    tracker.add_cgroup(cgroup_id(leaf), CgroupKind.AGENT_LEAF)
+    tracker.set_wake_names(["bash", "sleep", "make"])
+    argv = ["/bin/sleep", "30"]
+    execed, _ = exec_while_running(tracker, leaf, argv, wakes=True)
+    assert (execed.comm, execed.filename, execed.cgroup_kind) == ("sleep", argv[0], CgroupKind.AGENT_LEAF)
+
+
+def test_other_execs_in_agent_leaf_are_counted_but_batched(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+    leaf = cgroups.make()
+    tracker.add_cgroup(cgroup_id(leaf), CgroupKind.AGENT_LEAF)
+    exec_while_running(tracker, leaf, ["/bin/sleep", "30"], wakes=True)  # every one until names are set
+    tracker.set_wake_names(["bin", "slee", "sleeper"])  # a directory, a prefix, a longer name
+    exec_while_running(tracker, leaf, ["/bin/sleep", "30"], wakes=False)
+    assert tracker.counters(cgroup_id(leaf)) == ProcessCounters(forks=0, execs=2, exits=2)
+
+    tracker.set_wake_names(["sleep"])  # replaces the names
+    exec_while_running(tracker, leaf, ["/bin/sleep", "30"], wakes=True)
+    tracker.set_wake_names([])  # none
+    exec_while_running(tracker, leaf, ["/bin/sleep", "30"], wakes=False)
+
+
+def test_wake_names_compare_the_first_15_bytes(
+    tracker: LifecycleTracker, cgroups: Cgroups, tmp_path: Path
+) -> None:
+    leaf = cgroups.make()
+    tracker.add_cgroup(cgroup_id(leaf), CgroupKind.AGENT_LEAF)
+    assert wake_name_key("a-very-long-command") == b"a-very-long-com\0"
+    long_name, other = tmp_path / "a-very-long-command", tmp_path / "a-very-long-comm"
+    long_name.symlink_to("/bin/sleep")
+    other.symlink_to("/bin/sleep")
+    tracker.set_wake_names(["a-very-long-command"])
+    execed, _ = exec_while_running(tracker, leaf, [str(long_name), "30"], wakes=True)
+    assert execed.filename == str(long_name)
+    exec_while_running(tracker, leaf, [str(other), "30"], wakes=True)  # the same first 15 bytes: spurious
+
+
+def test_exec_of_a_wake_name_in_a_tool_call_is_batched(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+    call = cgroups.make()
+    tracker.add_cgroup(cgroup_id(call), CgroupKind.TOOL_CALL)
+    tracker.set_wake_names(["sleep"])
+    execed, _ = exec_while_running(tracker, call, ["/bin/sleep", "30"], wakes=False)
+    assert execed.cgroup_kind is CgroupKind.TOOL_CALL
 
 
 def test_a_backlog_wakes_the_consumer(tracker: LifecycleTracker, cgroups: Cgroups) -> None:

@@ -5,6 +5,7 @@ behind; agentd's own launcher, other commands, and sessions with capture off are
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -19,6 +20,7 @@ from support import AGENTCTL, Daemon, create_session, scrape, spawn_in, value, w
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.core.capture import COMMAND, SHELL, Rules
 from agentd.core.config import load_config
+from agentd.kernel.bpf.lifecycle import wake_name_key
 from agentd.launch import WAIT_THEN_EXEC
 
 pytestmark = requires_root
@@ -37,25 +39,37 @@ PROBE = (
 IMPLICIT = 'agentd_tool_calls_started_total{implicit="true"}'
 
 
-@pytest.mark.parametrize(
-    ("filename", "argv", "rule"),
-    [
-        ("/usr/bin/bash", ("bash", "-c", "make -j8"), SHELL),
-        ("/bin/sh", ("sh", "-lc", "ls"), SHELL),
-        ("/bin/zsh", ("zsh", "-ec", "ls"), SHELL),
-        ("/bin/bash", ("bash", "script.sh"), None),
-        ("/bin/bash", ("bash",), None),
-        ("/bin/bash", ("bash", "--norc"), None),
-        ("/usr/bin/python3", ("python3", "-c", "print()"), None),
-        ("/bin/sh", ("sh", "-c", WAIT_THEN_EXEC, "sh", "pytest"), None),  # agentd's launcher
-        ("/home/a/.venv/bin/pytest", ("/usr/bin/python3", "/home/a/.venv/bin/pytest", "-x"), COMMAND),
-        ("/usr/bin/make", ("make", "-j8"), COMMAND),
-        ("/usr/bin/cat", ("cat", "-c"), None),
-    ],
-)
+RULE_CASES: list[tuple[str, tuple[str, ...], str | None]] = [
+    ("/usr/bin/bash", ("bash", "-c", "make -j8"), SHELL),
+    ("/bin/sh", ("sh", "-lc", "ls"), SHELL),
+    ("/bin/zsh", ("zsh", "-ec", "ls"), SHELL),
+    ("/bin/bash", ("bash", "script.sh"), None),
+    ("/bin/bash", ("bash",), None),
+    ("/bin/bash", ("bash", "--norc"), None),
+    ("/usr/bin/python3", ("python3", "-c", "print()"), None),
+    ("/bin/sh", ("sh", "-c", WAIT_THEN_EXEC, "sh", "pytest"), None),  # agentd's launcher
+    ("/home/a/.venv/bin/pytest", ("/usr/bin/python3", "/home/a/.venv/bin/pytest", "-x"), COMMAND),
+    ("/usr/bin/make", ("make", "-j8"), COMMAND),
+    ("/usr/bin/cat", ("cat", "-c"), None),
+]
+
+
+@pytest.mark.parametrize(("filename", "argv", "rule"), RULE_CASES)
 def test_rules(filename: str, argv: tuple[str, ...], rule: str | None) -> None:
     config = load_config(None)
     assert Rules(config.capture_shells, config.capture_commands).match(filename, argv) == rule
+
+
+def test_wake_names_cover_the_rules() -> None:
+    """The kernel wakes the daemon at once for every exec a rule can match (by the basename's first 15 bytes)."""
+    config = load_config(None)
+    rules = Rules(config.capture_shells, config.capture_commands)
+    assert rules.names() == config.capture_shells | config.capture_commands
+    keys = {wake_name_key(name) for name in rules.names()}
+    for filename, _, rule in RULE_CASES:
+        if rule is not None:
+            assert wake_name_key(os.path.basename(filename)) in keys, filename
+    assert wake_name_key("true") not in keys and wake_name_key("python3") not in keys
 
 
 def call_cgroups(daemon: Daemon, sid: str) -> list[str]:

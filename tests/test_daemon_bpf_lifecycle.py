@@ -70,3 +70,19 @@ def test_process_counters_per_session(daemon: Daemon) -> None:
             for sid in (busy, quiet):
                 admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))
     assert busy not in scrape(daemon)  # a deleted session's counters go with it
+
+
+def test_kernel_exit_status_ends_a_reporting_call_without_waiting(daemon_factory: object) -> None:
+    """With report_exit, a call whose exit the kernel already reported is finalised when its cgroup empties,
+    not after the grace period for the client's report."""
+    import time
+
+    d = daemon_factory(api={"exit_report_grace_seconds": 30.0}).start()  # type: ignore[operator]
+    with d.admin() as admin:
+        sid, _ = create_session(admin, "prompt")
+        begun = admin.begin(pb.Intent(tool="exit5"), sid, report_exit=True)
+        os.waitpid(admin.spawn(begun, ["sh", "-c", "exit 5"]), 0)
+        started = time.monotonic()
+        result = admin.wait(begun.call_id, timeout=20)
+        assert time.monotonic() - started < 5
+        assert (result.outcome, result.exit_code) == (pb.OUTCOME_FAILED, 5)

@@ -1,11 +1,13 @@
 """Auto-capture: an undeclared command exec'd in a session's agent/ leaf becomes an implicit tool call.
 
-The lifecycle program reports every exec in an agent leaf at once. A rule decides whether it is captured,
-on the basename of the exec'd file: a shell running a command string (`bash -c …`, `bash -lc …`: a name
-in [capture] shells whose first argument is an option cluster with c), or a known heavy command
-([capture] commands). agentd's own launcher (agentd.launch: a `sh -c` that waits to be placed into a
-declared call) is never captured, nor is a process that left the agent leaf before agentd got to it. The
-engine creates the call with the default intent for captured commands and moves the process into it.
+The lifecycle program reports every exec in an agent leaf; at once (a wakeup) only when the basename of
+the exec'd file is a name in [capture] shells or commands, the others arrive batched and match no rule. A
+rule decides whether it is captured, on the basename of the exec'd file: a shell running a command string
+(`bash -c …`, `bash -lc …`: a name in [capture] shells whose first argument is an option cluster with c),
+or a known heavy command ([capture] commands). agentd's own launcher (agentd.launch: a `sh -c` that waits
+to be placed into a declared call) is never captured, nor is a process that left the agent leaf before
+agentd got to it. The engine creates the call with the default intent for captured commands and moves the
+process into it.
 
 Capture is a convenience for agents that do not declare their commands, not a boundary: a process can
 dodge it (e.g. by exec'ing under another name).
@@ -50,6 +52,10 @@ class Rules:
             return SHELL
         return COMMAND if name in self.commands else None
 
+    def names(self) -> frozenset[str]:
+        """The basenames an exec needs for match() to return a rule (the kernel's wakeup prefilter)."""
+        return self.shells | self.commands
+
 
 class AutoCapture:
     """Listens to execs in agent leaves and has the engine capture the matching ones."""
@@ -61,6 +67,7 @@ class AutoCapture:
         self.network = Network.NONE if config.capture_network == "none" else Network.ANY
         self.timeout_seconds = config.capture_timeout_seconds
         engine.tracking.on_agent_exec = self.on_exec
+        engine.tracking.wake_on_exec_of(self.rules.names())
 
     def enabled_for(self, session: Session) -> bool:
         mode = session.spec.capture

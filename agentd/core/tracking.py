@@ -2,10 +2,11 @@
 
 The kernel reports forks, execs and exits of the cgroups added here (session agent/ leaves and tool-call
 leaves) and drops everything else. Events are read on the event loop when the ring buffer's fd is
-readable (an exec in an agent leaf, or a backlog) and by drain(), which the engine calls before it
-finalises a call so that the exits of its processes are in. An exit gives a call the exit status of its
-first process; an exec in an agent leaf goes to on_agent_exec (auto-capture). Per-session fork/exec/exit
-counts add the kernel's per-cgroup counters, those of ended calls included.
+readable (an exec in an agent leaf of a basename given to wake_on_exec_of, or a backlog) and by drain(),
+which the engine calls before it finalises a call so that the exits of its processes are in. An exit gives
+a call the exit status of its first process; an exec in an agent leaf goes to on_agent_exec (auto-capture):
+at once if its basename was given to wake_on_exec_of, otherwise whenever the events are next read.
+Per-session fork/exec/exit counts add the kernel's per-cgroup counters, those of ended calls included.
 
 Without the program (tracker None) every method is a no-op and nothing is counted.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from agentd.core.results import ExitStatus
 from agentd.core.sessions import Session
@@ -48,6 +49,17 @@ class Tracking:
     @property
     def enabled(self) -> bool:
         return self._tracker is not None
+
+    def wake_on_exec_of(self, names: Iterable[str]) -> None:
+        """Have an exec in an agent leaf of a file with one of these basenames dispatched at once (the
+        kernel wakes the event loop for it); replaces the previous names. The listener may still get
+        other execs later, so it must apply its own rules."""
+        if self._tracker is None:
+            return
+        try:
+            self._tracker.set_wake_names(names)
+        except (BpfError, ValueError) as exc:
+            log.error("exec wakeups not set: auto-capture may be late", extra={"error": str(exc)})
 
     def add_session(self, session: Session) -> None:
         cgroup_id = cgroupfs.cgroup_id(session.agent_path)

@@ -6,11 +6,15 @@ while other threads run is reported then). Exec events carry what a capture rule
 the exec'd filename, the start of argv and the parent's pid and comm. Timestamps are CLOCK_MONOTONIC ns
 (time.monotonic_ns()).
 
-Wakeups: only an exec in an AGENT_LEAF cgroup makes epoll_fd() readable at once. Other events are
-batched, since a wakeup costs more than the tracing itself: they make it readable once 64 KiB are
-pending, and otherwise wait for the next consume(). Every event is in the buffer before the process
-that caused it moves on (a parent's wait() for an exit returns after the exit event, and so does a
-cgroup becoming unpopulated), so call consume() before acting on such a state change.
+Wakeups: only an exec in an AGENT_LEAF cgroup of a file whose basename was given to set_wake_names()
+makes epoll_fd() readable at once (until it is first called, every exec in an AGENT_LEAF does). Other
+events, other execs in agent leaves included, are batched, since a wakeup costs more than the tracing
+itself: they make it readable once 64 KiB are pending, and otherwise wait for the next consume(). The
+kernel compares the first 15 bytes of the basename (WAKE_NAME_LEN - 1), so a longer basename also wakes
+when a name sharing those was given: a spurious wakeup at worst, never a missed one. Every event is in
+the buffer before the process that caused it moves on (a parent's wait() for an exit returns after the
+exit event, and so does a cgroup becoming unpopulated), so call consume() before acting on such a state
+change.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import enum
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +36,8 @@ _MANAGED = struct.Struct("<I4xQQQ")  # struct managed_cgroup: flags, forks, exec
 _LOST = struct.Struct("<Q")
 _HEADER = struct.Struct("<B3xIQQIIII16s16s")  # struct event
 _EXEC = struct.Struct("<I4x256s256s")  # rest of struct exec_event: args_size, filename, args
+WAKE_NAME_LEN = 16  # key of wake_names: up to 15 bytes of a basename, zero padded
+_WAKE_NAMES_MAX = 1024  # max_entries of wake_names
 
 
 class EventType(enum.IntEnum):
@@ -40,7 +47,7 @@ class EventType(enum.IntEnum):
 
 
 class CgroupKind(enum.IntFlag):
-    AGENT_LEAF = 1  # execs here wake the consumer at once
+    AGENT_LEAF = 1  # execs here of set_wake_names() basenames wake the consumer at once
     TOOL_CALL = 2
 
 
@@ -111,8 +118,11 @@ class LifecycleTracker(Closing):
     def __init__(self, path: Path | None = None) -> None:
         self._obj = BpfObject(path or object_path("lifecycle"))
         self._pending: list[ProcessEvent] = []
+        self._wake_keys: set[bytes] = set()
         try:
             self._managed = self._obj.map("managed", _KEY.size, _MANAGED.size)
+            self._wake_names = self._obj.map("wake_names", WAKE_NAME_LEN, 1)
+            self._wake_filter = self._obj.map("wake_filter", 4, 4)
             self._lost = self._obj.map("lost_events", 4, _LOST.size)
             self._ring = self._obj.ring_buffer("events", self._on_record)
             for program in _PROGRAMS:
@@ -128,6 +138,20 @@ class LifecycleTracker(Closing):
     def remove_cgroup(self, cgroup_id: int) -> bool:
         """Stop reporting the cgroup and drop its counters; False if it was not managed."""
         return self._managed.delete(_KEY.pack(cgroup_id))
+
+    def set_wake_names(self, names: Iterable[str]) -> None:
+        """From now on, an exec in an agent leaf wakes the consumer at once only when the basename of the
+        exec'd file is one of names (compared on their first WAKE_NAME_LEN - 1 bytes); replaces the previous names.
+        ValueError beyond 1024 distinct keys (nothing changed then)."""
+        keys = {wake_name_key(name) for name in names}
+        if len(keys) > _WAKE_NAMES_MAX:
+            raise ValueError(f"{len(keys)} wake names, at most {_WAKE_NAMES_MAX}")
+        for key in self._wake_keys - keys:
+            self._wake_names.delete(key)
+        for key in keys - self._wake_keys:
+            self._wake_names.update(key, b"\1")
+        self._wake_keys = keys
+        self._wake_filter.update(bytes(4), struct.pack("<I", 1))
 
     def counters(self, cgroup_id: int) -> ProcessCounters | None:
         """Forks, execs and exits seen in a managed cgroup since add_cgroup(); None if not managed."""
@@ -147,7 +171,8 @@ class LifecycleTracker(Closing):
         return _LOST.unpack(value)[0] if value is not None else 0
 
     def epoll_fd(self) -> int:
-        """Readable when an exec in an agent leaf, or a 64 KiB backlog of events, is waiting."""
+        """Readable when an exec in an agent leaf of a set_wake_names() basename, or a 64 KiB backlog of
+        events, is waiting."""
         return self._ring.epoll_fd()
 
     def consume(self) -> list[ProcessEvent]:
@@ -162,6 +187,12 @@ class LifecycleTracker(Closing):
 
     def _on_record(self, record: bytes) -> None:
         self._pending.append(decode_event(record))
+
+
+def wake_name_key(name: str) -> bytes:
+    """The wake_names key of a basename: its first WAKE_NAME_LEN - 1 bytes, zero padded (as the kernel
+    side reads it, NUL-terminated)."""
+    return os.fsencode(name)[: WAKE_NAME_LEN - 1].ljust(WAKE_NAME_LEN, b"\0")
 
 
 def _text(raw: bytes) -> str:
