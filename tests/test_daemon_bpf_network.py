@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from bpf_support import requires_root
-from support import Daemon, create_session
+from support import Daemon, create_session, scrape, value
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.client import Client
@@ -69,6 +69,9 @@ def test_none_is_denied_next_to_any(daemon: Daemon, session: tuple[str, str], li
     assert (result.outcome, result.exit_code, result.network_denials) == (pb.OUTCOME_FAILED, errno.EPERM, 1)
     assert "network access denied 1 time " in result.feedback
     assert "network" not in result.limits.not_enforced
+    with daemon.admin() as admin:  # counted per session too
+        assert admin.call("GetSession", pb.GetSessionRequest(session_id=sid)).network_denials == 1
+    assert value(scrape(daemon), f'agentd_session_network_denials_total{{session="{sid}"}}') == 1
 
 
 def test_loopback_allowed_by_config(daemon_factory: Callable[..., Daemon], listener: int) -> None:

@@ -135,6 +135,7 @@ def session_to_pb(
         cpu_weight=cpu_weight,
         not_enforced=session.not_enforced,
         created_unix=session.created,
+        network_denials=session.network_denials,
     )
 
 

@@ -1,7 +1,7 @@
 """Prometheus metrics: event counters updated by the engine's listeners, gauges read from core state at scrape.
 
 No unbounded labels: outcome, priority, method, code, controller, program and event; session ids only on the
-per-session process counters (bounded by [sessions] max_sessions); never call ids.
+per-session families agentd_session_* (bounded by [sessions] max_sessions); never call ids.
 """
 
 from __future__ import annotations
@@ -126,6 +126,14 @@ class _StateCollector(Collector):
         bpf.add_metric(["lifecycle"], 1 if engine.caps.bpf_lifecycle else 0)
         bpf.add_metric(["netpolicy"], 1 if engine.caps.bpf_network else 0)
         yield bpf
+        if engine.caps.bpf_network:
+            denials = CounterMetricFamily(
+                "agentd_session_network_denials", "Connects/sends refused to a session's calls with network NONE",
+                labels=["session"],
+            )
+            for session in sessions:
+                denials.add_metric([session.id], session.network_denials)
+            yield denials
         if engine.tracking.enabled:
             yield from self._process_counters()
 

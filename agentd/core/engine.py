@@ -420,6 +420,7 @@ class Engine:
         session = self.sessions.get(call.session_id)
         if session is not None:
             session.calls.pop(call.id, None)
+            session.network_denials += denials
         if call.done is not None and not call.done.done():
             call.done.set_result(result)
         for listener in self.on_finish:

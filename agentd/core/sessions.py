@@ -79,6 +79,7 @@ class Session:
     not_enforced: list[str] = field(default_factory=list)
     calls: dict[str, ToolCall] = field(default_factory=dict)
     deleting: bool = False  # DeleteSession is in progress: nothing new is captured
+    network_denials: int = 0  # refused connects/sends of its finished calls, since this daemon started
 
     @property
     def id(self) -> str:
