@@ -338,7 +338,7 @@ class Engine:
         call.started = time.time()
         call.timers.append(self.loop.call_later(call.limits.timeout_seconds, self._timed_out, call))
         with contextlib.suppress(OSError):
-            cgroupfs.set_label(call.path, "started", repr(call.started).encode())
+            cgroupfs.set_label(call.path, "started", f"{call.started!r} {pid}".encode())
 
     def _join_expired(self, call: ToolCall) -> None:
         if call.state == CallState.PENDING:

@@ -48,7 +48,7 @@ class ToolCall:
     state: CallState = CallState.PENDING
     started: float = 0.0
     exit_status: ExitStatus | None = None  # as reported by the client (EndToolCall)
-    pid: int = 0  # the first process, placed into the call (0: not placed, or adopted after a restart)
+    pid: int = 0  # the first process, placed into the call (0: not placed yet)
     kernel_exit: ExitStatus | None = None  # how that process ended, from the lifecycle program
     capture: Capture | None = None  # implicit calls: how they were captured
     kill_reason: KillReason = KillReason.NONE
@@ -61,7 +61,8 @@ class ToolCall:
     freeze_waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def label(self) -> bytes:
-        """The call's identity and limits; the start time is a label of its own ("started"), written at join."""
+        """The call's identity and limits; the start time and first pid are a label of their own ("started"),
+        written at join."""
         data: dict[str, Any] = {
             "v": 1,
             "id": self.id,
@@ -94,7 +95,9 @@ class ToolCall:
             implicit=bool(data["implicit"]),
             not_enforced=tuple(data["not_enforced"]),
         )
-        call.started = float(started) if started else 0.0
+        if started:  # "<unix time> <first pid>"
+            when, _, pid = started.decode().partition(" ")
+            call.started, call.pid = float(when), int(pid or 0)
         call.state = CallState.RUNNING if call.started else CallState.PENDING
         return call
 
