@@ -7,7 +7,6 @@ per-session families agentd_session_* (bounded by [sessions] max_sessions); neve
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, TypeVar
 
@@ -68,7 +67,6 @@ class Metrics:
         engine.on_begin.append(self._began)
         engine.on_finish.append(self._finished)
         self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
     def _began(self, call: ToolCall) -> None:
         self.started.labels(str(call.implicit).lower()).inc()
@@ -86,7 +84,7 @@ class Metrics:
 
     def serve(self, address: str) -> None:
         host, _, port = address.rpartition(":")
-        self._server, self._thread = start_http_server(int(port), host.strip("[]"), registry=self.registry)
+        self._server, _thread = start_http_server(int(port), host.strip("[]"), registry=self.registry)
 
     def close(self) -> None:
         if self._server is not None:

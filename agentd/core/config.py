@@ -116,7 +116,6 @@ class Config:
     log_level: str
     admin_socket: Path
     admin_socket_mode: int
-    admin_group: str
     admin_gid: int
     sandbox_socket: Path
     sandbox_socket_mode: int
@@ -271,7 +270,6 @@ def _build(v: dict[str, Any]) -> Config:
         log_level=v["daemon.log_level"],
         admin_socket=Path(v["api.admin_socket"]),
         admin_socket_mode=v["api.admin_socket_mode"],
-        admin_group=v["api.admin_group"],
         admin_gid=admin_gid,
         sandbox_socket=Path(v["api.sandbox_socket"]),
         sandbox_socket_mode=v["api.sandbox_socket_mode"],

@@ -50,10 +50,6 @@ class ExitStatus:
             return ExitStatus(0, os.WTERMSIG(status))
         return ExitStatus(os.WEXITSTATUS(status), 0)
 
-    def shell_code(self) -> int:
-        """What a shell reports: the code, or 128 + signal."""
-        return 128 + self.signal if self.signal else self.code
-
     def describe(self) -> str:
         return f"was killed by signal {self.signal}" if self.signal else f"exited with status {self.code}"
 

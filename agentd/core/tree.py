@@ -73,7 +73,6 @@ def set_up(setting: str) -> tuple[Tree, Capabilities]:
         enabled = cgroupfs.enable_controllers(level, enabled)
     missing = set(cgroupfs.CONTROLLERS) - enabled
     caps = Capabilities(
-        cgroup2_mount=mount,
         cgroup_root=root,
         enforced=enabled,
         missing=missing,

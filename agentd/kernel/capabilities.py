@@ -12,7 +12,6 @@ SCHED_EXT_STATE = Path("/sys/kernel/sched_ext/state")
 class Capabilities:
     """One value the rest of the daemon consults; `agentctl status` shows it."""
 
-    cgroup2_mount: Path
     cgroup_root: Path
     enforced: set[str]           # controllers enabled for tool-call cgroups
     missing: set[str]            # wanted controllers that are not available on cgroup v2 here

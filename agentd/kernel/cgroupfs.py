@@ -33,7 +33,6 @@ class CgroupStats:
     cpu_user_usec: int = 0
     cpu_system_usec: int = 0
     cpu_throttled_usec: int = 0
-    cpu_nr_throttled: int = 0
     pids_peak: int = -1
 
 
@@ -212,7 +211,6 @@ def read_stats(path: Path) -> CgroupStats:
         cpu_user_usec=cpu.get("user_usec", 0),
         cpu_system_usec=cpu.get("system_usec", 0),
         cpu_throttled_usec=cpu.get("throttled_usec", 0),
-        cpu_nr_throttled=cpu.get("nr_throttled", 0),
         pids_peak=_read_int(f"{path}/pids.peak"),
     )
 
