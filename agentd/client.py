@@ -13,10 +13,11 @@ sandbox socket, confined to that session. Admin mode (no token): talks to the Ad
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeGuard
 
 import grpc
 
@@ -28,6 +29,7 @@ from agentd.launch import launch, release
 ADMIN_SOCKET = "/run/agentd/admin.sock"
 SANDBOX_SOCKET = "/run/agentd/sandbox.sock"
 TOKEN_METADATA = "x-agentd-session-token"
+PLACEMENT_METADATA = "x-agentd-placement"  # see agentd.api.servicer
 # Exit code of `agentctl run` when the command never ran (as a shell reports it).
 EXIT_NOT_STARTED = 126
 DEFAULT_TIMEOUT = -1.0  # sentinel: the client's default deadline
@@ -56,6 +58,7 @@ class Client:
         self.timeout = timeout
         self._metadata = ((TOKEN_METADATA, token),) if token else ()
         self._join: Placement | None = None  # one join connection, reused for every call this client places
+        self._join_path: str | None = None
         self._placed: set[str] = set()
 
     @staticmethod
@@ -89,10 +92,33 @@ class Client:
 
     # ----- tool calls --------------------------------------------------------------------------------------
 
-    def begin(self, intent: pb.Intent, session_id: str = "", report_exit: bool = True) -> pb.BeginToolCallResponse:
+    def begin(
+        self, intent: pb.Intent, session_id: str = "", report_exit: bool = True, pid: int | None = None
+    ) -> pb.BeginToolCallResponse:
+        """BeginToolCall. With `pid` (a process launched held before exec, agentd.launch) that process is
+        placed into the call before the answer: its pidfd goes ahead on the join connection (HOLD). Without,
+        a process joins later with the answer's join token (spawn(), place())."""
         request = pb.BeginToolCallRequest(session_id=session_id, intent=intent, report_exit=report_exit)
+        if pid is not None:
+            request.held_process = self._hold(pid)
         response: pb.BeginToolCallResponse = self.call("BeginToolCall", request)
+        if pid is not None:
+            self._placed.add(response.call_id)
         return response
+
+    def _hold(self, pid: int) -> str:
+        ref = secrets.token_urlsafe(18)
+        pidfd = os.pidfd_open(pid)
+        try:
+            self._on_join(self._join_socket(), lambda join: join.hold(ref, pidfd))
+        finally:
+            os.close(pidfd)
+        return ref
+
+    def _join_socket(self) -> str:
+        if self._join_path is None:
+            self._join_path = str(self.call("GetStatus", pb.GetStatusRequest()).join_socket)
+        return self._join_path
 
     def end(self, call_id: str, wait_status: int | None) -> pb.ToolCallResult:
         """Report the tool's wait status (None: unknown; a running call is then cancelled) and return the result.
@@ -133,25 +159,29 @@ class Client:
         return pid
 
     def place(self, begun: pb.BeginToolCallResponse, pid: int) -> None:
-        """Have agentd move process `pid` into the call, over the client's join connection (opened on first use,
-        opened again once if agentd closed it while idle)."""
+        """Have agentd move process `pid` into the call with the join token, over the client's join connection."""
         pidfd = os.pidfd_open(pid)
         try:
-            for attempt in (1, 2):
-                if self._join is None:
-                    self._join = Placement(begun.join_socket)
-                try:
-                    self._join.place(begun.join_token, pidfd)
-                    break
-                except (OSError, JoinError) as exc:
-                    stale = isinstance(exc, OSError) or exc.code == "UNAVAILABLE"
-                    if stale:
-                        self._drop_join()
-                    if not stale or attempt == 2:
-                        raise RunError(f"agentd: could not place the tool call's process: {exc}") from None
+            self._on_join(begun.join_socket, lambda join: join.place(begun.join_token, pidfd))
         finally:
             os.close(pidfd)
         self._placed.add(begun.call_id)
+
+    def _on_join(self, socket_path: str, action: Callable[[Placement], object]) -> None:
+        """Run a request on the client's join connection (opened on first use, opened again once if agentd
+        closed it while idle, e.g. across a restart)."""
+        for attempt in (1, 2):
+            if self._join is None:
+                self._join = Placement(socket_path)
+            try:
+                action(self._join)
+                return
+            except (OSError, JoinError) as exc:
+                stale = isinstance(exc, OSError) or exc.code == "UNAVAILABLE"
+                if stale:
+                    self._drop_join()
+                if not stale or attempt == 2:
+                    raise RunError(f"agentd: could not place the tool call's process: {exc}") from None
 
     def run(
         self,
@@ -165,17 +195,31 @@ class Client:
         intent = pb.Intent(argv=list(argv), **intent_fields)
         if not intent.tool:
             intent.tool = os.path.basename(argv[0])
-        begun = self.begin(intent, session_id)
+        pid, go = launch(argv)
         try:
-            pid = self.spawn(begun, argv)
-        except RunError as exc:
-            raise RunError(str(exc), self.end(begun.call_id, None)) from None
+            begun = self.begin(intent, session_id, pid=pid)
+        except BaseException as exc:
+            os.close(go)  # the waiting child reads EOF and exits 126 without running argv
+            os.waitpid(pid, 0)
+            if _placement_refused(exc):
+                raise RunError(
+                    f"agentd: could not place the tool call's process: {exc.code().name}: {exc.details()}"
+                ) from None
+            raise
+        release(go)
         if on_spawn is not None:
             on_spawn(pid)
         _, status = os.waitpid(pid, 0)
         result = self.end(begun.call_id, status)
         code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         return RunOutcome(result, code)
+
+
+def _placement_refused(exc: BaseException) -> TypeGuard[grpc.RpcError]:
+    """A BeginToolCall refused because its held process could not be placed (not the request as such)."""
+    if not isinstance(exc, grpc.RpcError):
+        return False
+    return any(m.key == PLACEMENT_METADATA for m in exc.trailing_metadata() or ())
 
 
 class RunError(RuntimeError):

@@ -1,9 +1,10 @@
 """Tool-call lifecycle cost through agentd's real gRPC + join path, next to raw cgroup operations.
 
-Per call: BeginToolCall, launch a child held before exec, place it into the call by pidfd on the join socket,
-release it to exec /bin/true, wait for it, END on the join connection (answered after the cgroup's
-accounting is read, the record written and the cgroup removed). The daemon's share = Begin RPC + placement
-round trip + END round trip; launching and the tool's own runtime are excluded.
+Per call, as agentd.client's run() does it: launch a child held before exec, BeginToolCall naming it (its
+pidfd goes ahead on the join socket; agentd places it before answering), release it to exec /bin/true, wait
+for it, END on the join connection (answered once the call's accounting is read and its result built; the
+record and the cgroup's removal follow right after). The daemon's share = HOLD + BeginToolCall round trip +
+END round trip; launching and the tool's own runtime are excluded.
 Raw: mkdir, the child writes itself into cgroup.procs, exec /bin/true, rmdir.
 
     python bench/lifecycle.py [--calls 2000] [--clients 8] [--socket /run/agentd/admin.sock --session S]
@@ -37,11 +38,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def agentd_calls(socket_path: str, session: str, calls: int) -> list[float]:
-    """Run `calls` tool calls one after another; return the daemon's share of each, in seconds.
-
-    The steps of agentd.client's run(), timed one by one: BeginToolCall (gRPC), placing the launched child by
-    pidfd on the join socket (connect + JOIN), and END on that connection (answered after finalisation).
-    """
+    """Run `calls` tool calls one after another; return the daemon's share of each, in seconds: the steps of
+    agentd.client's run() timed one by one."""
     from agentd.api.gen import agentd_pb2 as pb
     from agentd.client import Client
     from agentd.launch import launch, release
@@ -50,20 +48,17 @@ def agentd_calls(socket_path: str, session: str, calls: int) -> list[float]:
     intent = pb.Intent(tool="true", argv=[TRUE])
     with Client(socket_path) as client:
         for _ in range(calls):
-            t0 = time.perf_counter()
-            begun = client.begin(intent, session)
-            t1 = time.perf_counter()
             pid, go = launch([TRUE])
-            t2 = time.perf_counter()
-            client.place(begun, pid)
-            t3 = time.perf_counter()
+            t0 = time.perf_counter()
+            begun = client.begin(intent, session, pid=pid)
+            t1 = time.perf_counter()
             release(go)
             _, status = os.waitpid(pid, 0)
-            t4 = time.perf_counter()
+            t2 = time.perf_counter()
             result = client.end(begun.call_id, status)
-            t5 = time.perf_counter()
+            t3 = time.perf_counter()
             assert result.outcome == pb.OUTCOME_OK, result
-            shares.append((t1 - t0) + (t3 - t2) + (t5 - t4))
+            shares.append((t1 - t0) + (t3 - t2))
     return shares
 
 

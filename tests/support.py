@@ -138,6 +138,18 @@ class Daemon:
     def records_lines(self) -> list[str]:
         return self.records.read_text().splitlines() if self.records.exists() else []
 
+    def record(self, call_id: str) -> dict[str, Any]:
+        """A finished call's record, once its line is written (a few milliseconds after the result)."""
+        found: list[dict[str, Any]] = []
+
+        def written() -> bool:
+            found[:] = [json.loads(line) for line in self.records_lines() if call_id in line]
+            return bool(found)
+
+        wait_for(written)
+        assert len(found) == 1, f"call {call_id} recorded {len(found)} times"
+        return found[0]
+
 
 def spawn_in(cgroup: Path, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start a process that moves itself into `cgroup` before it execs argv (as a container runtime would).

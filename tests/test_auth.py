@@ -139,3 +139,33 @@ def test_pidfd_placement_needs_sender_and_target_in_the_session(daemon: Daemon, 
     finally:
         outsider.kill()
         outsider.wait()
+
+
+def test_held_process_is_checked_like_a_join(daemon: Daemon, session: tuple[str, str]) -> None:
+    """BeginToolCall naming a held process: a sandbox can only have its own session's processes placed; a refused
+    placement is marked as such (the command never ran) and leaves no call behind."""
+    sid, token = session
+    outsider = subprocess.Popen(["sleep", "100"])
+    code = (
+        "import os, grpc\n"
+        "from agentd.api.gen import agentd_pb2 as pb\n"
+        "from agentd.client import PLACEMENT_METADATA, Client\n"
+        "client = Client(os.environ['AGENTD_SOCKET'], os.environ['AGENTD_SESSION_TOKEN'])\n"
+        "try:\n"
+        f"    client.begin(pb.Intent(tool='steal'), pid={outsider.pid})\n"
+        "    print('PLACED')\n"
+        "except grpc.RpcError as exc:\n"
+        "    print(exc.code().name, dict(exc.trailing_metadata()).get(PLACEMENT_METADATA))\n"
+    )
+    try:
+        agent = spawn_in(daemon.session_path(sid) / "agent", [sys.executable, "-c", code], env=daemon.env(token),
+                         stdout=subprocess.PIPE)
+        out, _ = agent.communicate(timeout=60)
+        assert out.decode().split() == ["PERMISSION_DENIED", "refused"]
+        assert "agentd" not in Path(f"/proc/{outsider.pid}/cgroup").read_text()
+        assert not [p for p in daemon.session_path(sid).iterdir() if p.name.startswith("tc-")]
+        with daemon.sandbox(token) as sandbox:
+            assert not sandbox.call("ListToolCalls", pb.ListToolCallsRequest(include_active=True)).active
+    finally:
+        outsider.kill()
+        outsider.wait()

@@ -4,7 +4,6 @@ behind; agentd's own launcher, other commands, and sessions with capture off are
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -93,8 +92,7 @@ def captured_call(daemon: Daemon, sid: str, output: str) -> pb.ToolCallResult:
 
 
 def recorded(daemon: Daemon, call_id: str) -> dict[str, object]:
-    record: dict[str, object] = next(json.loads(line) for line in daemon.records_lines() if call_id in line)
-    return record
+    return daemon.record(call_id)
 
 
 def test_shell_command_is_captured_and_finalised(daemon: Daemon, session: tuple[str, str]) -> None:

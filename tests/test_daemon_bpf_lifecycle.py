@@ -4,7 +4,6 @@ record when no client reports it, and the per-session process counters count exa
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -35,7 +34,7 @@ def test_exit_status_from_the_kernel_without_a_report(daemon: Daemon, session: t
             assert (result.outcome, result.has_exit_status) == (outcome, True), argv
             assert (result.exit_code, result.exit_signal) == (code, signum), argv
             assert feedback in result.feedback and result.forks == 0
-            record = next(json.loads(line) for line in daemon.records_lines() if begun.call_id in line)
+            record = daemon.record(begun.call_id)
             assert record["exit_status"] == {"code": code, "signal": signum}
             assert record["outcome"] == pb.Outcome.Name(outcome).removeprefix("OUTCOME_")
 

@@ -15,6 +15,7 @@ from support import AGENTCTL, Daemon, create_session, rpc_error, spawn_in, wait_
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.join import JoinError, Placement, join
 from agentd.kernel import cgroupfs
+from agentd.launch import launch
 
 
 def test_session_layout_and_label(daemon: Daemon) -> None:
@@ -82,9 +83,7 @@ def test_exit_status_reaches_result_and_record(daemon: Daemon, session: tuple[st
         assert killed.exit_code == 137 and killed.result.exit_signal == 9
         # 137 without memory.events oom_kill is not an OOM.
         assert killed.result.outcome == pb.OUTCOME_FAILED
-        records = [json.loads(line) for line in daemon.records_lines()]
-        mine = {r["call_id"]: r for r in records}
-        assert mine[killed.result.call_id]["exit_status"] == {"code": 0, "signal": 9}
+        assert daemon.record(killed.result.call_id)["exit_status"] == {"code": 0, "signal": 9}
         listed = admin.call("ListToolCalls", pb.ListToolCallsRequest(session_id=sid))
         assert [r.call_id for r in listed.finished][:3] == [
             killed.result.call_id, ok.result.call_id, outcome.result.call_id]
@@ -96,7 +95,7 @@ def test_end_kills_stragglers(daemon: Daemon, session: tuple[str, str]) -> None:
     with daemon.admin() as admin:
         outcome = admin.run(["sh", "-c", "sleep 300 & echo $! > /dev/null; exit 0"], sid)
         assert outcome.result.outcome == pb.OUTCOME_OK
-        assert not (daemon.session_path(sid) / f"tc-{outcome.result.call_id}").exists()
+        wait_for(lambda: not (daemon.session_path(sid) / f"tc-{outcome.result.call_id}").exists())
 
 
 def test_timeout_kills_the_whole_tree(daemon: Daemon, session: tuple[str, str]) -> None:
@@ -110,7 +109,7 @@ def test_timeout_kills_the_whole_tree(daemon: Daemon, session: tuple[str, str]) 
         assert result.outcome == pb.OUTCOME_TIMEOUT
         assert 0.4 < time.monotonic() - started < 10
         assert "timeout of 0.5 s" in result.feedback and not result.retryable
-        assert not (daemon.session_path(sid) / f"tc-{begun.call_id}").exists()
+        wait_for(lambda: not (daemon.session_path(sid) / f"tc-{begun.call_id}").exists())
 
 
 def test_join_token_is_single_use_and_expires(daemon_factory: object) -> None:
@@ -222,8 +221,7 @@ def test_delete_session_kills_calls_and_refuses_live_agents(daemon: Daemon) -> N
         os.waitpid(pid, 0)
         assert agent.wait(5) == -9
         assert not path.exists()
-        record = [json.loads(line) for line in daemon.records_lines() if begun.call_id in line]
-        assert record and record[0]["outcome"] == "CANCELLED"
+        assert daemon.record(begun.call_id)["outcome"] == "CANCELLED"
 
 
 def test_place_agent_moves_a_process_tree(daemon: Daemon, session: tuple[str, str]) -> None:
@@ -288,3 +286,44 @@ def test_agentctl_session_commands(daemon: Daemon) -> None:
     assert ctl("session", "delete", "cli-1").returncode == 0
     gone = ctl("session", "show", "cli-1")
     assert gone.returncode == 125 and "NOT_FOUND" in gone.stderr
+
+
+def test_join_socket_leaves_no_descriptor_open(daemon: Daemon, session: tuple[str, str]) -> None:
+    """Placements by pidfd, held (HOLD + BeginToolCall) or joined (JOIN + pidfd), and finished calls leave no
+    descriptor open in agentd."""
+    sid, _ = session
+    assert daemon.proc is not None
+    fds = Path(f"/proc/{daemon.proc.pid}/fd")
+    with daemon.admin() as admin:
+        admin.run(["true"], sid)  # the client's join connection is open from here on
+        before = len(list(fds.iterdir()))
+        for _ in range(20):
+            assert admin.run(["true"], sid).exit_code == 0
+            begun = admin.begin(pb.Intent(tool="joined"), sid)
+            os.waitpid(admin.spawn(begun, ["true"]), 0)
+            assert admin.end(begun.call_id, 0).outcome == pb.OUTCOME_OK
+        wait_for(lambda: len(list(fds.iterdir())) <= before)
+
+
+def test_held_process_refusals(daemon: Daemon, session: tuple[str, str]) -> None:
+    """A held process that exited, a reference nobody held, a HOLD without a pidfd: refused, nothing created."""
+    sid, _ = session
+    intent = pb.Intent(tool="held")
+    with daemon.admin() as admin:
+        placement = Placement(str(daemon.join_socket))
+        pid, go = launch(["true"])
+        pidfd = os.pidfd_open(pid)
+        os.close(go)  # the held child exits without running anything
+        os.waitpid(pid, 0)
+        placement.hold("gone", pidfd)
+        os.close(pidfd)
+        request = pb.BeginToolCallRequest(session_id=sid, intent=intent, held_process="gone")
+        err = rpc_error(admin.call, "BeginToolCall", request)
+        assert err.code().name == "FAILED_PRECONDITION" and "exited" in err.details()
+        request.held_process = "never-held"
+        err = rpc_error(admin.call, "BeginToolCall", request)
+        assert err.code().name == "FAILED_PRECONDITION" and "no process held" in err.details()
+        placement.sock.sendall(b"HOLD nofd\n")
+        assert placement.sock.recv(64) == b""  # a malformed HOLD closes the connection
+        placement.close()
+        assert not [p for p in daemon.session_path(sid).iterdir() if p.name.startswith("tc-")]

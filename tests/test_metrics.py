@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from support import Daemon, scrape, value
+from support import Daemon, scrape, value, wait_for
 
 from agentd.api.gen import agentd_pb2 as pb
 
@@ -16,6 +16,8 @@ def test_metrics_follow_calls(daemon: Daemon, session: tuple[str, str]) -> None:
     with daemon.admin() as admin:
         failed = admin.run(["sh", "-c", "exit 1"], sid)
         admin.run(["true"], sid)
+    ok = 'agentd_tool_calls_finished_total{outcome="ok"}'
+    wait_for(lambda: value(scrape(daemon), ok) == value(before, ok) + 1)  # counted right after the answer
     after = scrape(daemon)
     for family in ("agentd_tool_calls_started_total", "agentd_tool_calls_finished_total",
                    "agentd_tool_call_duration_seconds", "agentd_tool_call_memory_peak_bytes", "agentd_oom_kills_total",
@@ -26,7 +28,6 @@ def test_metrics_follow_calls(daemon: Daemon, session: tuple[str, str]) -> None:
         assert f"# TYPE {family.removesuffix('_total')}" in after, family
     finished = 'agentd_tool_calls_finished_total{outcome="failed"}'
     assert value(after, finished) == value(before, finished) + 1
-    ok = 'agentd_tool_calls_finished_total{outcome="ok"}'
     assert value(after, ok) == value(before, ok) + 1
     started = 'agentd_tool_calls_started_total{implicit="false"}'
     assert value(after, started) == value(before, started) + 2

@@ -64,6 +64,8 @@ def test_sigkill_and_restart_loses_nothing(daemon_factory: Callable[..., Daemon]
         assert agent.poll() is None
         with d.sandbox(token) as sandbox:
             assert sandbox.call("GetSession", pb.GetSessionRequest()).spec.priority == pb.PRIORITY_HIGH
+        for call in (ending, pending, timing, running):
+            d.record(call.call_id)  # written exactly once
         ids = [json.loads(line)["call_id"] for line in d.records_lines()]
         assert len(ids) == len(set(ids)), "a call was recorded twice"
         assert {ending.call_id, pending.call_id, timing.call_id, running.call_id} <= set(ids)
@@ -79,8 +81,9 @@ def test_recorded_but_not_removed_is_not_recorded_twice(daemon_factory: Callable
     with d.admin() as admin:
         sid, _ = create_session(admin, "twice")
         done = admin.run(["true"], sid)
-    d.kill9()
     leftover = d.session_path(sid) / f"tc-{done.result.call_id}"
+    wait_for(lambda: not leftover.exists())  # recorded, then removed
+    d.kill9()
     leftover.mkdir()
     label = {"v": 1, "id": done.result.call_id, "session": sid, "intent": {"tool": "true"},
              "limits": {"memory_high": 1, "memory_max": 1, "cpu_weight": 100, "cpu_max_millicores": 0,

@@ -2,6 +2,9 @@
 
 One line per request and per answer, on a Unix stream socket:
 
+    HOLD <ref>     + SCM_RIGHTS fd  offer the process the pidfd refers to (held before exec) for the
+                                    BeginToolCall whose held_process is <ref>, sent right after; no answer here:
+                                    that request places it or fails (a malformed HOLD closes the connection)
     JOIN <token>                    place the connecting process itself (pid from SO_PEERCRED)
     JOIN <token>   + SCM_RIGHTS fd  place the process the attached pidfd refers to (e.g. a forked child that
                                     waits for the answer before it execs); the sender must be allowed too
@@ -9,8 +12,10 @@ One line per request and per answer, on a Unix stream socket:
     END <call id> <wait status|->   only for a call placed on this connection: the tool's wait status;
       -> RESULT <base64 ToolCallResult> | ERR <CODE> <message>     (answered once the call is finalised)
 
-The pidfd form lets a launcher place its child before exec without running code in the child, and keeps the
-connection for END, so a tool call costs one gRPC round trip (BeginToolCall) plus two on this socket.
+HOLD lets a launcher place its child before exec without running code in the child and without a round trip
+of its own, and keeps the connection for END: a tool call costs one gRPC round trip (BeginToolCall, which
+places the child) plus one on this socket. The sender of a HOLD and its process are checked at placement
+exactly as for JOIN.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from agentd.api.gen import agentd_pb2 as pb
@@ -33,7 +39,9 @@ from agentd.core.errors import AgentdError, FailedPrecondition, NotFound, Permis
 log = logging.getLogger(__name__)
 
 MAX_LINE = 512
+MAX_REF = 64
 IDLE_TIMEOUT_SECONDS = 30.0
+HOLD_WAIT_SECONDS = 5.0  # how long a BeginToolCall waits for the HOLD it names (sent just before it)
 _UCRED = struct.Struct("3i")
 _FD_SPACE = socket.CMSG_SPACE(struct.calcsize("i"))
 
@@ -71,13 +79,13 @@ class _Connection:
         self.server = server
         self.sock = sock
         self.buffer = b""
+        self.fds = array.array("i")  # received with a line not complete yet
         self.placed: set[str] = set()
-        self.sender = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
+        self.sender: int = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
         self.idle = server.loop.call_later(IDLE_TIMEOUT_SECONDS, self.close)
         server.loop.add_reader(sock.fileno(), self.readable)
 
     def readable(self) -> None:
-        fds = array.array("i")
         try:
             data, ancdata, _flags, _addr = self.sock.recvmsg(MAX_LINE, _FD_SPACE)
         except (BlockingIOError, InterruptedError):
@@ -87,25 +95,34 @@ class _Connection:
             return
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        try:
-            if not data:
-                self.close()
-                return
-            self.buffer += data
-            while b"\n" in self.buffer:
-                line, self.buffer = self.buffer.split(b"\n", 1)
-                self.handle(line.decode(errors="replace"), fds)
-                fds = array.array("i")
-            if len(self.buffer) > MAX_LINE:
-                self.reply("ERR INVALID_ARGUMENT line too long")
-                self.close()
-        finally:
-            for fd in fds:
-                os.close(fd)
+                self.fds.frombytes(payload[: len(payload) - len(payload) % self.fds.itemsize])
+        if not data:
+            self.close()
+            return
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            # A read ends with the message that carried descriptors: they belong to its last complete line.
+            fds, self.fds = (self.fds, array.array("i")) if b"\n" not in self.buffer else (array.array("i"), self.fds)
+            try:
+                self.handle(line.decode(errors="replace"), fds)  # a HOLD keeps its pidfd (pops it)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        if len(self.buffer) > MAX_LINE:
+            self.reply("ERR INVALID_ARGUMENT line too long")
+            self.close()
 
     def handle(self, line: str, fds: array.array[int]) -> None:
         verb, _, rest = line.partition(" ")
+        if verb == "HOLD":
+            ref = rest.strip()
+            if len(fds) != 1 or not 0 < len(ref) <= MAX_REF or ref in self.server.held:
+                log.warning("join socket: malformed HOLD, closing the connection", extra={"pid": self.sender})
+                self.close()
+                return
+            self.server.hold(ref, self, fds.pop())
+            return
         try:
             if verb == "JOIN" and rest:
                 target = pidfd_pid(fds[0]) if fds else None
@@ -121,7 +138,7 @@ class _Connection:
                 wait_status = None if status.strip() in ("", "-") else int(status)
                 self.server.loop.create_task(self.end(call_id, wait_status))
             else:
-                raise AgentdError("expected 'JOIN <token>' or 'END <call id> <wait status>'")
+                raise AgentdError("expected 'HOLD <ref>', 'JOIN <token>' or 'END <call id> <wait status>'")
         except AgentdError as exc:
             self.reply(f"ERR {error_code(exc)} {exc}")
         except ValueError as exc:
@@ -148,7 +165,30 @@ class _Connection:
         if self.sock.fileno() >= 0:
             self.server.loop.remove_reader(self.sock.fileno())
             self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = array.array("i")
         self.server.connections.discard(self)
+        for ref, held in list(self.server.held.items()):
+            if held.connection is self:
+                self.server.drop(ref)
+
+
+@dataclass
+class Held:
+    """A process offered with HOLD, waiting for its BeginToolCall."""
+
+    connection: _Connection
+    pidfd: int
+    expiry: asyncio.TimerHandle
+
+    @property
+    def sender(self) -> int:
+        return self.connection.sender
+
+    def placed(self, call_id: str) -> None:
+        """The process is in the call: END for it is accepted on the HOLD's connection."""
+        self.connection.placed.add(call_id)
 
 
 class JoinServer:
@@ -159,6 +199,8 @@ class JoinServer:
         self.placer = placer
         self.ender = ender
         self.connections: set[_Connection] = set()
+        self.held: dict[str, Held] = {}
+        self._awaited: dict[str, asyncio.Future[None]] = {}
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.listener.bind(str(path))
         self.listener.listen(256)
@@ -177,6 +219,43 @@ class JoinServer:
                 raise
             sock.setblocking(False)
             self.connections.add(_Connection(self, sock))
+
+    def hold(self, ref: str, connection: _Connection, pidfd: int) -> None:
+        self.held[ref] = Held(connection, pidfd, self.loop.call_later(HOLD_WAIT_SECONDS, self.drop, ref))
+        waiter = self._awaited.pop(ref, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def drop(self, ref: str) -> None:
+        """Forget a held process (expired, its connection closed)."""
+        held = self.held.pop(ref, None)
+        if held is not None:
+            held.expiry.cancel()
+            os.close(held.pidfd)
+
+    @contextlib.asynccontextmanager
+    async def take(self, ref: str) -> AsyncIterator[tuple[Held, int]]:
+        """The process held under `ref` and its pid, for the duration of the block (waits a little for a HOLD
+        still on its way); its pidfd is closed after."""
+        if ref not in self.held:
+            waiter = self._awaited.setdefault(ref, self.loop.create_future())
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), HOLD_WAIT_SECONDS)
+            except TimeoutError:
+                raise FailedPrecondition(f"no process held under {ref!r} on the join socket") from None
+            finally:
+                self._awaited.pop(ref, None)
+        held = self.held.pop(ref, None)
+        if held is None:  # taken by a concurrent request with the same reference
+            raise FailedPrecondition(f"no process held under {ref!r} on the join socket")
+        held.expiry.cancel()
+        try:
+            pid = pidfd_pid(held.pidfd)
+            if pid == -1:
+                raise FailedPrecondition("the held process has already exited")
+            yield held, pid
+        finally:
+            os.close(held.pidfd)
 
     def close(self) -> None:
         self.loop.remove_reader(self.listener.fileno())
@@ -224,6 +303,10 @@ class Placement:
             code, _, message = rest.partition(" ")
             raise JoinError(code, message)
         return rest
+
+    def hold(self, ref: str, pidfd: int) -> None:
+        """Offer the process `pidfd` refers to for the BeginToolCall that names `ref` (no answer here)."""
+        socket.send_fds(self.sock, [f"HOLD {ref}\n".encode()], [pidfd])
 
     def place(self, token: str, pidfd: int | None = None) -> str:
         """Place the process `pidfd` refers to (None: this process). Returns the call id."""

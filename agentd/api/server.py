@@ -103,19 +103,19 @@ async def serve(config: Config) -> None:
 
     try:
         report = reconcile(engine)
-        servers.append(
-            await _grpc_server(Service(engine, metrics, sandbox=False), config.admin_socket,
-                               config.admin_socket_mode, config.admin_gid)
-        )
-        servers.append(
-            await _grpc_server(Service(engine, metrics, sandbox=True), config.sandbox_socket,
-                               config.sandbox_socket_mode, None)
-        )
         join_server = join.JoinServer(
             loop, config.join_socket, lambda token, sender, target: engine.join(token, sender, target).id,
             end_from_join,
         )
         _secure(config.join_socket, 0o666, None)
+        servers.append(
+            await _grpc_server(Service(engine, metrics, join_server, sandbox=False), config.admin_socket,
+                               config.admin_socket_mode, config.admin_gid)
+        )
+        servers.append(
+            await _grpc_server(Service(engine, metrics, join_server, sandbox=True), config.sandbox_socket,
+                               config.sandbox_socket_mode, None)
+        )
         if config.metrics_address:
             metrics.serve(config.metrics_address)
         os.umask(old_umask)

@@ -17,6 +17,7 @@ import grpc
 from agentd import __version__
 from agentd.api import convert
 from agentd.api.gen import agentd_pb2 as pb
+from agentd.api.join import JoinServer
 from agentd.api.metrics import Metrics
 from agentd.core import errors
 from agentd.core.engine import Engine
@@ -27,6 +28,9 @@ from agentd.kernel import cgroupfs, psi
 log = logging.getLogger(__name__)
 
 TOKEN_METADATA = "x-agentd-session-token"
+# Trailing metadata of a BeginToolCall refused because its held process could not be placed (the command
+# never ran), as opposed to the request itself being refused.
+PLACEMENT_METADATA = "x-agentd-placement"
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 10000
 
@@ -74,9 +78,10 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 class Service:
     """Implements every verb of agentd.v1.Admin; the Sandbox service is the subset that is session-scoped."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, sandbox: bool) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics, joins: JoinServer, sandbox: bool) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.joins = joins
         self.sandbox = sandbox
 
     def _scope(self, context: grpc.aio.ServicerContext[Any, Any]) -> Session | None:
@@ -161,7 +166,19 @@ class Service:
         scope = self._scope(context)
         session = self._session(request.session_id, scope)
         intent = convert.intent_from_pb(request.intent)
-        call, token = self.engine.begin_call(session, intent, request.report_exit, confined=scope is not None)
+        confined = scope is not None
+        if request.held_process:
+            try:
+                async with self.joins.take(request.held_process) as (held, pid):
+                    call, token = self.engine.begin_call(
+                        session, intent, request.report_exit, confined, (held.sender, pid)
+                    )
+                    held.placed(call.id)
+            except (errors.PermissionDenied, errors.FailedPrecondition):
+                context.set_trailing_metadata(((PLACEMENT_METADATA, "refused"),))
+                raise
+        else:
+            call, token = self.engine.begin_call(session, intent, request.report_exit, confined)
         return pb.BeginToolCallResponse(
             call_id=call.id,
             join_token=token,

@@ -4,7 +4,7 @@ Every state change happens on the loop thread. Kernel work goes through agentd.k
 notifications (cgroup.events) arrive through one Watcher; process events through Tracking (the lifecycle
 BPF program), network intents through NetworkIntent (the netpolicy program), both optional. A call ends
 when its cgroup empties (or on EndToolCall/timeout/kill): pending process events are read, accounting is
-read BEFORE rmdir, the record is appended, then the cgroup is removed and waiters are answered.
+read BEFORE rmdir and waiters are answered; right after, the record is appended, then the cgroup removed.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from agentd.core.toolcalls import CALL_PREFIX, CallState, ToolCall, new_call_id
 from agentd.core.tracking import Tracking
 from agentd.core.tree import Tree
 from agentd.kernel import cgroupfs, procs
+from agentd.kernel.bpf.lifecycle import ProcessCounters
 from agentd.kernel.capabilities import Capabilities
 from agentd.kernel.watch import Watcher, reread
 
@@ -48,8 +49,12 @@ log = logging.getLogger(__name__)
 
 FREEZE_WAIT_SECONDS = 2.0
 EMPTY_WAIT_SECONDS = 10.0
+# A finished call's cgroup is removed and its record line written this long after its answer, batched with
+# the others finished meanwhile: the next request of a client that just got its result goes first.
+RETIRE_DELAY_SECONDS = 0.002
 
 FinishListener = Callable[[Result], None]
+Placement = tuple[int, int]  # (pid of the process asking, pid to place), both as the kernel reported them
 BeginListener = Callable[[ToolCall], None]
 
 
@@ -74,6 +79,8 @@ class Engine:
         self.calls: dict[str, ToolCall] = {}
         self._by_token: dict[str, Session] = {}
         self._join_tokens: dict[str, str] = {}
+        self._retiring: list[tuple[ToolCall, Result, ProcessCounters | None]] = []
+        self._retire_timer: asyncio.TimerHandle | None = None
         self.on_begin: list[BeginListener] = []
         self.on_finish: list[FinishListener] = []
         self.tracking = Tracking(programs.lifecycle, loop)
@@ -196,10 +203,21 @@ class Engine:
     # ----- tool calls -----------------------------------------------------------------------------------
 
     def begin_call(
-        self, session: Session, intent: Intent, report_exit: bool, confined: bool
+        self, session: Session, intent: Intent, report_exit: bool, confined: bool, held: Placement | None = None
     ) -> tuple[ToolCall, str]:
-        """A declared call: its cgroup, and a one-time token for the process that will join it."""
+        """A declared call: its cgroup, and a one-time token for the process that will join it; or, given a
+        held process (sender pid, pid to place), that process placed at once and no token. A placement that
+        fails leaves nothing behind."""
         call = self._new_call(session, intent, report_exit, confined, implicit=False)
+        if held is not None:
+            try:
+                self._place(call, *held)
+            except BaseException:
+                self._discard(call)
+                raise
+            self._register_call(session, call)
+            self._start(call, held[1])
+            return call, ""
         token = secrets.token_urlsafe(24)
         self._join_tokens[token] = call.id
         call.timers.append(self.loop.call_later(self.config.join_timeout_seconds, self._join_expired, call))
@@ -219,7 +237,7 @@ class Engine:
             self._discard(call)
             return None
         latency = (time.monotonic_ns() - exec_ns) / 1e9
-        if not cgroupfs.populated(call.path) and cgroupfs.read_stats(call.path).cpu_usage_usec == 0:
+        if not cgroupfs.populated(call.path) and cgroupfs.read_stats(call.path, ()).cpu_usage_usec == 0:
             # Never ran in the call: it was exiting, and the kernel skips such a process without an error.
             # (One that ran and ended since has CPU time here, and its populated notifications are queued.)
             self._discard(call)
@@ -287,18 +305,25 @@ class Engine:
 
     def _discard(self, call: ToolCall) -> None:
         """Undo _new_call for a call that never became visible: no record, no metrics."""
-        self._release(call)
+        self._release(call, None)
         cgroupfs.remove_tree(call.path)
 
-    def _release(self, call: ToolCall) -> tuple[int, int]:
-        """Stop watching and tracking the call; returns (network denials, forks) as last counted."""
+    def _release(self, call: ToolCall, counters: ProcessCounters | None) -> None:
+        """Stop watching and tracking the call (`counters`: its last process counters, for the session)."""
         if call.events_fd is not None:
             self.watcher.unwatch(call.events_fd)
             call.events_fd = None
-        return self.network.release(call), self.tracking.remove_call(call)
+        self.network.release(call)
+        self.tracking.remove_call(call, counters)
 
     def _watch(self, call: ToolCall) -> None:
         call.events_fd = self.watcher.watch(call.path / "cgroup.events", lambda fd: self._on_events(call, fd))
+
+    def _populated(self, call: ToolCall) -> bool:
+        """Whether the call's cgroup has processes, read through its watched cgroup.events when it has one."""
+        if call.events_fd is None:
+            return cgroupfs.populated(call.path)
+        return cgroupfs.parse_flat_keyed(reread(call.events_fd)).get("populated", 0) == 1
 
     def join(self, token: str, sender: int, target: int | None = None) -> ToolCall:
         """Place a process into the call its join token belongs to. `sender` is the pid the kernel reports for
@@ -309,6 +334,13 @@ class Engine:
         if call is None or call.state != CallState.PENDING:
             raise PermissionDenied("unknown, expired or already used join token")
         pid = sender if target is None else target
+        self._place(call, sender, pid)
+        del self._join_tokens[token]
+        self._start(call, pid)
+        return call
+
+    def _place(self, call: ToolCall, sender: int, pid: int) -> None:
+        """Move `pid` into the call on behalf of `sender`, both checked against a confined call's session."""
         if pid == os.getpid() or pid <= 1:
             raise PermissionDenied(f"pid {pid} cannot join a tool call")
         if call.confined:
@@ -324,11 +356,8 @@ class Engine:
             cgroupfs.move(call.path, pid)
         except cgroupfs.CgroupError as exc:
             raise FailedPrecondition(f"could not place pid {pid}: {exc}") from exc
-        if not cgroupfs.populated(call.path):  # the kernel skips an exiting process without an error
+        if not self._populated(call):  # the kernel skips an exiting process without an error
             raise FailedPrecondition(f"could not place pid {pid}: it has exited")
-        del self._join_tokens[token]
-        self._start(call, pid)
-        return call
 
     def _start(self, call: ToolCall, pid: int) -> None:
         """The call's first process is in: RUNNING, timeout armed, start time labelled."""
@@ -403,29 +432,46 @@ class Engine:
             self._finalise(call)
 
     def _finalise(self, call: ToolCall) -> Result | None:
-        """Read accounting, record, remove the cgroup, answer waiters. Idempotent."""
+        """Read the accounting, build the result, answer waiters. The bookkeeping that the answer does not need
+        (unwatch, untrack, the record's line, rmdir, metrics) is queued for _retire. Idempotent."""
         if call.state == CallState.FINISHED:
             return None
-        self.tracking.drain()  # the exits of the call's processes are in the ring buffer by now
+        if call.exit_status is None:
+            self.tracking.drain()  # the exit of the call's first process is in the ring buffer by now
         ran = call.state != CallState.PENDING
         call.state = CallState.FINISHED
         call.cancel_timers()
-        stats = cgroupfs.read_stats(call.path)
-        denials, forks = self._release(call)
-        result = self._result(call, stats, ran, denials, forks)
+        stats = cgroupfs.read_stats(call.path, self.caps.enforced)
+        counters = self.tracking.counters(call)
+        result = self._result(call, stats, ran, self.network.denials(call), counters.forks if counters else -1)
         self.records.append(result)
-        if not cgroupfs.remove(call.path):
-            self.loop.create_task(self._remove_later(call.path))
         self.calls.pop(call.id, None)
         session = self.sessions.get(call.session_id)
         if session is not None:
             session.calls.pop(call.id, None)
-            session.network_denials += denials
+            session.network_denials += result.network_denials
         if call.done is not None and not call.done.done():
             call.done.set_result(result)
-        for listener in self.on_finish:
-            listener(result)
+        self._retiring.append((call, result, counters))
+        if self._retire_timer is None:
+            self._retire_timer = self.loop.call_later(RETIRE_DELAY_SECONDS, self._retire)
         return result
+
+    def _retire(self) -> None:
+        """Finish off the calls finalised since the last run, in one batch: their record lines are written, then
+        their cgroups removed (a daemon that dies in between finds a labelled, empty cgroup on its next start and
+        finalises it, or sees its record and only removes it)."""
+        self._retire_timer = None
+        retiring, self._retiring = self._retiring, []
+        self.tracking.drain()  # keeps the ring buffer's batches small
+        for call, _result, counters in retiring:
+            self._release(call, counters)
+        self.records.write_pending()
+        for call, result, _counters in retiring:
+            if not cgroupfs.remove(call.path):
+                self.loop.create_task(self._remove_later(call.path))
+            for listener in self.on_finish:
+                listener(result)
 
     def _result(self, call: ToolCall, stats: cgroupfs.CgroupStats, ran: bool, denials: int, forks: int) -> Result:
         # The client's report first, then the kernel's word on the first process.
@@ -500,14 +546,19 @@ class Engine:
         call.end_requested = True
         if exit_status is not None and call.exit_status is None:
             call.exit_status = exit_status
-        if call.state == CallState.PENDING:
+        if call.state == CallState.FINISHED:
+            pass
+        elif call.state == CallState.PENDING:
             self._kill_nowait(call, KillReason.CANCELLED, "ended before any process joined")
-        elif not cgroupfs.populated(call.path):
+        elif not self._populated(call):
             self._finalise(call)
         elif exit_status is None:
             self._kill_nowait(call, KillReason.CANCELLED, "ended by the caller while running")
         else:
             cgroupfs.kill(call.path)  # stragglers the tool left behind; the outcome is the exit status
+        assert call.done is not None
+        if call.done.done():  # answered without a trip through the event loop
+            return call.done.result()
         return await self._result_of(call)
 
     async def wait_call(self, call_id: str, scope: Session | None, timeout: float) -> Result:
@@ -637,6 +688,9 @@ class Engine:
 
     def close(self) -> None:
         """Stop watching; running calls and sessions stay in the kernel for the next start to adopt."""
+        if self._retire_timer is not None:
+            self._retire_timer.cancel()
+            self._retire()
         self.tracking.close()
         for call in self.calls.values():
             call.cancel_timers()

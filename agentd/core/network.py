@@ -41,14 +41,21 @@ class NetworkIntent:
             return False
         return True
 
-    def release(self, call: ToolCall) -> int:
-        """Remove the call's policy; returns how many connects/sends it refused."""
+    def denials(self, call: ToolCall) -> int:
+        """How many connects/sends the call was refused so far."""
         if self._policy is None or call.limits.network != Network.NONE:
             return 0
         try:
-            denials = self._policy.denials(call.cgroup_id)
+            return self._policy.denials(call.cgroup_id)
+        except BpfError as exc:
+            log.error("network denials not read", extra={"call": call.id, "error": str(exc)})
+            return 0
+
+    def release(self, call: ToolCall) -> None:
+        """Remove the call's policy (it has ended)."""
+        if self._policy is None or call.limits.network != Network.NONE:
+            return
+        try:
             self._policy.clear(call.cgroup_id)
         except BpfError as exc:
             log.error("network policy not cleared", extra={"call": call.id, "error": str(exc)})
-            return 0
-        return denials

@@ -1,10 +1,11 @@
 """The record of finished tool calls: one JSON line each.
 
-A record is written (write(2), so it survives a daemon crash or restart) before the call's result is answered.
-A background thread fdatasyncs behind the writes, coalescing bursts, so the disk flush stays off the event
-loop and the hot path; on a host crash at most the records of the last flush interval can be lost. Recent
-records stay in memory for ListToolCalls and for reconciling after a restart (a call whose record exists is
-not recorded twice).
+A record is written (write(2), so it survives a daemon crash or restart) right after the call's result is
+answered and before its cgroup is removed: a daemon that dies in between finds the labelled, empty cgroup on its
+next start and finalises it, so no call goes unrecorded. A background thread fdatasyncs behind the writes,
+coalescing bursts, so the disk flush stays off the event loop and the hot path; on a host crash at most the
+records of the last flush interval can be lost. Recent records stay in memory for ListToolCalls and for
+reconciling after a restart (a call whose record exists is not recorded twice).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class RecordStore:
         self.max_bytes = max_bytes
         self.keep = keep
         self._recent: OrderedDict[str, Result] = OrderedDict()
+        self._pending: list[Result] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         self._load()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -63,12 +65,27 @@ class RecordStore:
             self._recent.popitem(last=False)
 
     def append(self, result: Result) -> None:
-        line = json.dumps(result.to_json(), separators=(",", ":")).encode() + b"\n"
-        if os.fstat(self._fd).st_size + len(line) > self.max_bytes:
-            self._rotate()
-        os.write(self._fd, line)
-        self._dirty.set()
+        """Take a finished call's result: listed at once, its line written by the next write_pending()."""
+        self._pending.append(result)
         self._remember(result)
+
+    def write_pending(self) -> None:
+        """Write the lines of the results appended since the last call, rotating the file where a line would
+        take it beyond max_bytes."""
+        if not self._pending:
+            return
+        size = os.fstat(self._fd).st_size
+        chunk = b""
+        for result in self._pending:
+            line = json.dumps(result.to_json(), separators=(",", ":")).encode() + b"\n"
+            if size + len(chunk) + len(line) > self.max_bytes and size + len(chunk) > 0:
+                os.write(self._fd, chunk)
+                self._rotate()
+                size, chunk = 0, b""
+            chunk += line
+        self._pending.clear()
+        os.write(self._fd, chunk)
+        self._dirty.set()
 
     def _sync_loop(self) -> None:
         while True:
@@ -102,7 +119,8 @@ class RecordStore:
         return out
 
     def close(self) -> None:
-        """Flush and close; waits for the syncer."""
+        """Write what is pending, flush and close; waits for the syncer."""
+        self.write_pending()
         self._closing = True
         self._dirty.set()
         self._syncer.join()

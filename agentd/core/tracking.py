@@ -78,16 +78,20 @@ class Tracking:
         if self._manage(call.cgroup_id, CgroupKind.TOOL_CALL, call.session_id):
             self._calls[call.cgroup_id] = call
 
-    def remove_call(self, call: ToolCall) -> int:
-        """Stop tracking the call; returns how many processes it forked (-1: not tracked)."""
+    def counters(self, call: ToolCall) -> ProcessCounters | None:
+        """What the call's processes did so far (None: not tracked)."""
+        if self._tracker is None or call.cgroup_id not in self._calls:
+            return None
+        return self._tracker.counters(call.cgroup_id)
+
+    def remove_call(self, call: ToolCall, last: ProcessCounters | None) -> None:
+        """Stop tracking an ended call; `last` are its final counters (counters() once it emptied), added to
+        its session's totals."""
         if self._calls.pop(call.cgroup_id, None) is None:
-            return -1
-        counters = self._unmanage(call.cgroup_id)
-        if counters is None:
-            return -1
-        if call.session_id in self._ended:
-            self._ended[call.session_id] = _add(self._ended[call.session_id], counters)
-        return counters.forks
+            return
+        self._unmanage(call.cgroup_id)
+        if last is not None and call.session_id in self._ended:
+            self._ended[call.session_id] = _add(self._ended[call.session_id], last)
 
     def drain(self) -> None:
         """Dispatch every event waiting in the ring buffer."""
@@ -140,10 +144,7 @@ class Tracking:
         self._session_of[cgroup_id] = session_id
         return True
 
-    def _unmanage(self, cgroup_id: int) -> ProcessCounters | None:
-        """Remove a cgroup from the kernel's map; its last counters."""
+    def _unmanage(self, cgroup_id: int) -> None:
         assert self._tracker is not None
         self._session_of.pop(cgroup_id, None)
-        counters = self._tracker.counters(cgroup_id)
         self._tracker.remove_cgroup(cgroup_id)
-        return counters

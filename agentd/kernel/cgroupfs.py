@@ -10,7 +10,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,6 @@ class CgroupStats:
     """Accounting read from a cgroup before it is removed. -1 means the file does not exist here."""
 
     memory_peak: int = -1
-    memory_current: int = -1
     memory_events: Mapping[str, int] = field(default_factory=dict)
     cpu_usage_usec: int = 0
     cpu_user_usec: int = 0
@@ -200,18 +199,19 @@ def get_label(path: Path, key: str) -> bytes | None:
         raise
 
 
-def read_stats(path: Path) -> CgroupStats:
-    """Read the accounting that vanishes with rmdir: peak memory, memory events, CPU, pids."""
+def read_stats(path: Path, controllers: Collection[str]) -> CgroupStats:
+    """Read the accounting that vanishes with rmdir: peak memory, memory events, CPU, pids. Only the files of
+    `controllers` (those enabled for the cgroup) are looked for; cpu.stat always exists."""
     cpu = parse_flat_keyed(read_text(f"{path}/cpu.stat"))
+    memory = "memory" in controllers
     return CgroupStats(
-        memory_peak=_read_int(f"{path}/memory.peak"),
-        memory_current=_read_int(f"{path}/memory.current"),
-        memory_events=parse_flat_keyed(read_text(f"{path}/memory.events")),
+        memory_peak=_read_int(f"{path}/memory.peak") if memory else -1,
+        memory_events=parse_flat_keyed(read_text(f"{path}/memory.events")) if memory else {},
         cpu_usage_usec=cpu.get("usage_usec", 0),
         cpu_user_usec=cpu.get("user_usec", 0),
         cpu_system_usec=cpu.get("system_usec", 0),
         cpu_throttled_usec=cpu.get("throttled_usec", 0),
-        pids_peak=_read_int(f"{path}/pids.peak"),
+        pids_peak=_read_int(f"{path}/pids.peak") if "pids" in controllers else -1,
     )
 
 
