@@ -44,7 +44,7 @@ from agentd.core.capture import Rules
 from agentd.core.config import load_config
 from agentd.kernel.bpf import cgroup_id
 from agentd.kernel.bpf.lifecycle import CgroupKind, LifecycleTracker, ProcessEvent
-from agentd.kernel.mounts import find_cgroup2_mount
+from agentd.kernel.mounts import cgroup2_mount
 
 SPAWN_WORKER = """
 import os, resource, sys, time
@@ -80,7 +80,7 @@ class Block:
 
 @contextlib.contextmanager
 def temp_cgroup() -> Iterator[Path]:
-    path = find_cgroup2_mount() / f"agentd-bench-{uuid.uuid4().hex[:10]}"
+    path = cgroup2_mount().path / f"agentd-bench-{uuid.uuid4().hex[:10]}"
     path.mkdir()
     try:
         yield path

@@ -18,7 +18,7 @@ from types import TracebackType
 
 import pytest
 
-from agentd.kernel.mounts import find_cgroup2_mount, own_cgroup
+from agentd.kernel.mounts import cgroup2_mount, own_cgroup
 
 requires_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="loading BPF programs and making cgroups need root"
@@ -29,7 +29,7 @@ class Cgroups:
     """Makes uniquely named cgroups (agentd-test-*) and, on exit, kills their processes and removes them."""
 
     def __init__(self) -> None:
-        self.root = find_cgroup2_mount()
+        self.root = cgroup2_mount().path
         self._made: list[Path] = []
 
     def make(self, parent: Path | None = None) -> Path:

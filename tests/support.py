@@ -21,7 +21,7 @@ import grpc
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.client import Client
 from agentd.kernel import cgroupfs
-from agentd.kernel.mounts import find_cgroup2_mount
+from agentd.kernel.mounts import cgroup2_mount
 
 IN_GUEST = os.environ.get("AGENTD_IN_GUEST") == "1"
 SLOW = 10.0 if IN_GUEST else 1.0  # TCG guests run Python 10-15x slower
@@ -50,7 +50,7 @@ class Daemon:
 
     def __init__(self, workdir: Path, cgroup_root: Path | None = None, **overrides: dict[str, Any]) -> None:
         self.workdir = workdir
-        self.cgroup_root = cgroup_root or find_cgroup2_mount() / test_root_name()
+        self.cgroup_root = cgroup_root or cgroup2_mount().path / test_root_name()
         self.admin_socket = workdir / "admin.sock"
         self.sandbox_socket = workdir / "sandbox.sock"
         self.join_socket = workdir / "join.sock"
@@ -149,6 +149,12 @@ class Daemon:
         wait_for(written)
         assert len(found) == 1, f"call {call_id} recorded {len(found)} times"
         return found[0]
+
+
+def call_cgroups(session: Path) -> list[str]:
+    """Names of a session's tool-call cgroups (labelled; the unlabelled spares agentd makes ahead don't count)."""
+    return [p.name for p in cgroupfs.children(session)
+            if p.name.startswith("tc-") and cgroupfs.get_label(p, "call") is not None]
 
 
 def spawn_in(cgroup: Path, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:

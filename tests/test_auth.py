@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import AGENTCTL, Daemon, create_session, rpc_error, spawn_in
+from support import AGENTCTL, Daemon, call_cgroups, create_session, rpc_error, spawn_in
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.join import JoinError, join
@@ -163,7 +163,7 @@ def test_held_process_is_checked_like_a_join(daemon: Daemon, session: tuple[str,
         out, _ = agent.communicate(timeout=60)
         assert out.decode().split() == ["PERMISSION_DENIED", "refused"]
         assert "agentd" not in Path(f"/proc/{outsider.pid}/cgroup").read_text()
-        assert not [p for p in daemon.session_path(sid).iterdir() if p.name.startswith("tc-")]
+        assert not call_cgroups(daemon.session_path(sid))
         with daemon.sandbox(token) as sandbox:
             assert not sandbox.call("ListToolCalls", pb.ListToolCallsRequest(include_active=True)).active
     finally:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import support
 from bpf_support import requires_root
 from support import AGENTCTL, Daemon, create_session, scrape, spawn_in, value, wait_for
 
@@ -72,7 +73,7 @@ def test_wake_names_cover_the_rules() -> None:
 
 
 def call_cgroups(daemon: Daemon, sid: str) -> list[str]:
-    return [p.name for p in daemon.session_path(sid).iterdir() if p.name.startswith("tc-")]
+    return support.call_cgroups(daemon.session_path(sid))
 
 
 def run_in_agent(daemon: Daemon, sid: str, argv: list[str], **kwargs: object) -> tuple[int, str]:

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from support import AGENTCTL, Daemon, create_session, rpc_error, spawn_in, wait_for
+from support import AGENTCTL, Daemon, call_cgroups, create_session, rpc_error, spawn_in, wait_for
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.join import JoinError, Placement, join
 from agentd.kernel import cgroupfs
+from agentd.kernel.mounts import cgroup2_mount
 from agentd.launch import launch
 
 
@@ -326,4 +327,27 @@ def test_held_process_refusals(daemon: Daemon, session: tuple[str, str]) -> None
         placement.sock.sendall(b"HOLD nofd\n")
         assert placement.sock.recv(64) == b""  # a malformed HOLD closes the connection
         placement.close()
-        assert not [p for p in daemon.session_path(sid).iterdir() if p.name.startswith("tc-")]
+        assert not call_cgroups(daemon.session_path(sid))
+
+
+def test_status_says_whether_placements_can_stall(daemon: Daemon) -> None:
+    """Without the cgroup2 mount option favordynmods a move into a cgroup can wait for an RCU grace period:
+    agentd reads the mount's options and warns (log, GetStatus) exactly then."""
+    cgroup2 = [line.split(" - ", 1)[1].split() for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if " - cgroup2 " in line]
+    favored = "favordynmods" in cgroup2[0][2].split(",")
+    with daemon.admin() as admin:
+        warnings = admin.call("GetStatus", pb.GetStatusRequest()).warnings
+    assert any("favordynmods" in w for w in warnings) == (not favored)
+
+
+def test_cgroup2_mount_from_mountinfo(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "22 1 0:21 / /proc rw,nosuid - proc proc rw\n"
+        "30 22 0:26 /sub /elsewhere rw - cgroup2 cgroup2 rw\n"  # a bind mount of a subtree: not the root
+        "31 22 0:26 / /sys/fs/cg\\040v2 rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate,favordynmods\n"
+    )
+    mount = cgroup2_mount(mountinfo)
+    assert mount.path == Path("/sys/fs/cg v2")
+    assert mount.options == {"rw", "nsdelegate", "favordynmods"}

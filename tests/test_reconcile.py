@@ -102,8 +102,12 @@ def test_stop_leaves_sessions_for_the_next_start(daemon_factory: Callable[..., D
     d = daemon_factory().start()
     with d.admin() as admin:
         sid, _ = create_session(admin, "kept")
+        admin.run(["true"], sid)
+        # Spare call cgroups are made ahead (unlabelled, empty) and removed at stop.
+        wait_for(lambda: any(p.name.startswith("tc-") for p in cgroupfs.children(d.session_path(sid))))
     assert d.stop() == 0
     assert d.session_path(sid).is_dir()
+    assert [p.name for p in cgroupfs.children(d.session_path(sid))] == ["agent"]
     for sock in (d.admin_socket, d.sandbox_socket, d.join_socket):
         assert not sock.exists()
     d.start()

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support import REPO, Daemon, rpc_error, spawn_in
+from support import REPO, Daemon, call_cgroups, rpc_error, spawn_in
 
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.kernel import cgroupfs
 
 SHIM = REPO / "agentd" / "data" / "agentd-shell"
 
@@ -56,4 +55,4 @@ def test_shim_runs_bash_c_as_a_tool_call(daemon: Daemon, session: tuple[str, str
     plain = subprocess.run([str(SHIM), "-c", "cat /proc/self/cgroup"], capture_output=True, text=True,
                            env=daemon.env(), timeout=60)
     assert plain.returncode == 0 and "tc-" not in plain.stdout
-    assert not any(p.name.startswith("tc-") for p in cgroupfs.children(daemon.session_path(sid)))
+    assert not call_cgroups(daemon.session_path(sid))

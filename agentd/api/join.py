@@ -151,6 +151,7 @@ class _Connection:
             self.reply(f"ERR {error_code(exc)} {exc}")
             return
         self.reply("RESULT " + base64.b64encode(result.SerializeToString()).decode())
+        self.server.answered()  # the client is busy with the result now: a good moment for deferred work
 
     def reply(self, line: str) -> None:
         self.idle.cancel()
@@ -194,10 +195,13 @@ class Held:
 class JoinServer:
     """Accepts join connections on the asyncio loop (raw sockets: ancillary data carries pidfds)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, path: Path, placer: Placer, ender: Ender) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, path: Path, placer: Placer, ender: Ender, answered: Callable[[], None]
+    ) -> None:
         self.loop = loop
         self.placer = placer
         self.ender = ender
+        self.answered = answered  # called after each END's result went out
         self.connections: set[_Connection] = set()
         self.held: dict[str, Held] = {}
         self._awaited: dict[str, asyncio.Future[None]] = {}

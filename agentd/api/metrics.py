@@ -110,9 +110,10 @@ class _StateCollector(Collector):
             by_priority.add_metric([priority.name.lower()], count)
         yield by_priority
         yield GaugeMetricFamily("agentd_tool_calls_active", "Unfinished tool calls", value=len(calls))
-        # supervisor/ + sessions/ + per session (itself + agent/) + one per call
+        # supervisor/ + sessions/ + per session (itself + agent/) + one per call + spares made ahead
         yield GaugeMetricFamily(
-            "agentd_cgroups_alive", "cgroups agentd manages", value=2 + 2 * len(sessions) + len(calls)
+            "agentd_cgroups_alive", "cgroups agentd manages",
+            value=2 + 2 * len(sessions) + len(calls) + len(engine.spares),
         )
         enforced = GaugeMetricFamily(
             "agentd_controller_enforced", "1 if the controller is enforced for tool calls", labels=["controller"]

@@ -37,7 +37,8 @@ from agentd.core.programs import Programs
 from agentd.core.records import RecordStore
 from agentd.core.results import Capture, ExitStatus, KillReason, Result, classify, feedback, retryable
 from agentd.core.sessions import Session, SessionSpec
-from agentd.core.toolcalls import CALL_PREFIX, CallState, ToolCall, new_call_id
+from agentd.core.spares import Spares
+from agentd.core.toolcalls import CallState, ToolCall
 from agentd.core.tracking import Tracking
 from agentd.core.tree import Tree
 from agentd.kernel import cgroupfs, procs
@@ -49,9 +50,9 @@ log = logging.getLogger(__name__)
 
 FREEZE_WAIT_SECONDS = 2.0
 EMPTY_WAIT_SECONDS = 10.0
-# A finished call's cgroup is removed and its record line written this long after its answer, batched with
-# the others finished meanwhile: the next request of a client that just got its result goes first.
-RETIRE_DELAY_SECONDS = 0.002
+# Work the answers do not wait for (a finished call's record line and rmdir, new spare cgroups) runs at most
+# this long after them, batched with the work of other answers meanwhile.
+HOUSEKEEPING_DELAY_SECONDS = 0.005
 
 FinishListener = Callable[[Result], None]
 Placement = tuple[int, int]  # (pid of the process asking, pid to place), both as the kernel reported them
@@ -80,7 +81,8 @@ class Engine:
         self._by_token: dict[str, Session] = {}
         self._join_tokens: dict[str, str] = {}
         self._retiring: list[tuple[ToolCall, Result, ProcessCounters | None]] = []
-        self._retire_timer: asyncio.TimerHandle | None = None
+        self._housekeeping_timer: asyncio.TimerHandle | None = None
+        self.spares = Spares()
         self.on_begin: list[BeginListener] = []
         self.on_finish: list[FinishListener] = []
         self.tracking = Tracking(programs.lifecycle, loop)
@@ -148,6 +150,7 @@ class Engine:
             results = await asyncio.gather(
                 *(self._kill(call, KillReason.CANCELLED, "session deleted") for call in list(session.calls.values()))
             )
+            self.spares.drop(session_id)
             if force and cgroupfs.populated(session.agent_path):
                 cgroupfs.kill(session.agent_path)
                 await self.wait_empty(session.agent_path, EMPTY_WAIT_SECONDS)
@@ -271,15 +274,15 @@ class Engine:
                 f"([sessions] max_active_calls_per_session = {self.config.max_active_calls_per_session})"
             )
         limits = derive_limits(intent, self.config, session.spec.memory_budget)
-        call_id = new_call_id()
-        path = session.path / f"{CALL_PREFIX}{call_id}"
+        call_id, path, cgroup_id = self.spares.take(session)
+        self._arm_housekeeping()
         call = ToolCall(
             id=call_id,
             session_id=session.id,
             intent=intent,
             limits=limits,
             path=path,
-            cgroup_id=cgroupfs.make(path),
+            cgroup_id=cgroup_id,
             created=time.time(),
             report_exit=report_exit,
             confined=confined,
@@ -433,7 +436,7 @@ class Engine:
 
     def _finalise(self, call: ToolCall) -> Result | None:
         """Read the accounting, build the result, answer waiters. The bookkeeping that the answer does not need
-        (unwatch, untrack, the record's line, rmdir, metrics) is queued for _retire. Idempotent."""
+        (unwatch, untrack, the record's line, rmdir, metrics) is left to housekeeping. Idempotent."""
         if call.state == CallState.FINISHED:
             return None
         if call.exit_status is None:
@@ -453,15 +456,27 @@ class Engine:
         if call.done is not None and not call.done.done():
             call.done.set_result(result)
         self._retiring.append((call, result, counters))
-        if self._retire_timer is None:
-            self._retire_timer = self.loop.call_later(RETIRE_DELAY_SECONDS, self._retire)
+        self._arm_housekeeping()
         return result
+
+    def _arm_housekeeping(self) -> None:
+        if self._housekeeping_timer is None:
+            self._housekeeping_timer = self.loop.call_later(HOUSEKEEPING_DELAY_SECONDS, self.housekeeping)
+
+    def housekeeping(self) -> None:
+        """The work answers do not wait for: retire finished calls, top up spare cgroups. Runs by itself shortly
+        after answers; the API runs it earlier when it knows a client is busy (it just got its result)."""
+        if self._housekeeping_timer is None:
+            return
+        self._housekeeping_timer.cancel()
+        self._housekeeping_timer = None
+        self._retire()
+        self.spares.top_up(self.sessions)
 
     def _retire(self) -> None:
         """Finish off the calls finalised since the last run, in one batch: their record lines are written, then
         their cgroups removed (a daemon that dies in between finds a labelled, empty cgroup on its next start and
         finalises it, or sees its record and only removes it)."""
-        self._retire_timer = None
         retiring, self._retiring = self._retiring, []
         self.tracking.drain()  # keeps the ring buffer's batches small
         for call, _result, counters in retiring:
@@ -688,9 +703,11 @@ class Engine:
 
     def close(self) -> None:
         """Stop watching; running calls and sessions stay in the kernel for the next start to adopt."""
-        if self._retire_timer is not None:
-            self._retire_timer.cancel()
-            self._retire()
+        if self._housekeeping_timer is not None:
+            self._housekeeping_timer.cancel()
+            self._housekeeping_timer = None
+        self._retire()
+        self.spares.close()
         self.tracking.close()
         for call in self.calls.values():
             call.cancel_timers()

@@ -134,8 +134,10 @@ def check_size(field_name: str, value: int, ceiling: int) -> None:
 
 
 def check_enum(field_name: str, value: int, enum: type[IntEnum]) -> None:
-    if value not in {m.value for m in enum}:
-        raise InvalidArgument(field_name, f"unknown value {value}")
+    try:
+        enum(value)
+    except ValueError:
+        raise InvalidArgument(field_name, f"unknown value {value}") from None
 
 
 def validate_intent(intent: Intent, config: Config) -> None:

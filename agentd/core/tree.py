@@ -17,7 +17,7 @@ from pathlib import Path
 
 from agentd.kernel import cgroupfs, psi
 from agentd.kernel.capabilities import Capabilities, probe_sched_ext
-from agentd.kernel.mounts import find_cgroup2_mount, own_cgroup
+from agentd.kernel.mounts import cgroup2_mount, own_cgroup
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def choose_root(setting: str, mount: Path) -> tuple[Path, bool]:
 
 def set_up(setting: str) -> tuple[Tree, Capabilities]:
     """Create the layout, move this process into supervisor/, enable controllers, probe capabilities."""
-    mount = find_cgroup2_mount()
+    mount, options = cgroup2_mount()
     root, delegated = choose_root(setting, mount)
     tree = Tree(mount, root)
     if not delegated:
@@ -79,6 +79,7 @@ def set_up(setting: str) -> tuple[Tree, Capabilities]:
         psi_triggers=psi.triggers_supported(root),
         sched_ext=probe_sched_ext(),
         memory_peak="memory" in enabled,
+        favordynmods="favordynmods" in options,
     )
     if missing:
         caps.warnings.append(
@@ -87,6 +88,12 @@ def set_up(setting: str) -> tuple[Tree, Capabilities]:
         )
     if not caps.psi_triggers:
         caps.warnings.append("PSI triggers unavailable (pressure files disabled or read-only)")
+    if not caps.favordynmods:
+        caps.warnings.append(
+            f"cgroup2 at {mount} is mounted without favordynmods: placing a process into a tool call can wait for "
+            f"an RCU grace period (milliseconds); remount with it (mount -o remount,favordynmods {mount}) or "
+            f"boot with cgroup_favordynmods=true"
+        )
     for warning in caps.warnings:
         log.warning("%s", warning)
     return tree, caps

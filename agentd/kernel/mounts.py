@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 
@@ -11,17 +12,22 @@ class NoCgroup2Error(RuntimeError):
     """Raised when no cgroup2 filesystem is mounted."""
 
 
-def find_cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Path:
-    """Return the mount point of the cgroup2 filesystem, read from mountinfo (never assumed)."""
+class Cgroup2Mount(NamedTuple):
+    path: Path
+    options: frozenset[str]  # the filesystem's (super block) options, e.g. nsdelegate, favordynmods
+
+
+def cgroup2_mount(mountinfo: Path = MOUNTINFO) -> Cgroup2Mount:
+    """The cgroup2 filesystem's mount point and options, read from mountinfo (never assumed)."""
     for line in mountinfo.read_text().splitlines():
         # Fields: id parent major:minor root mount-point options [optional...] - fstype source super-options
         left, sep, right = line.partition(" - ")
         if not sep:
             continue
-        fstype = right.split(" ", 1)[0]
+        fstype, _source, options = [*right.split(" "), "", ""][:3]
         fields = left.split(" ")
         if fstype == "cgroup2" and fields[3] == "/":
-            return Path(_unescape(fields[4]))
+            return Cgroup2Mount(Path(_unescape(fields[4])), frozenset(options.split(",")))
     raise NoCgroup2Error("no cgroup2 filesystem in /proc/self/mountinfo; mount one (cgroup_no_v1 or unified)")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agentd.kernel.mounts import find_cgroup2_mount
+from agentd.kernel.mounts import cgroup2_mount
 
 pytestmark = pytest.mark.guest
 
@@ -71,7 +71,7 @@ def _remove_cgroup(path: Path) -> None:
 @pytest.fixture
 def cgroup() -> Iterator[Path]:
     """A fresh leaf cgroup below the cgroup2 root with memory/cpu/pids/io enabled; removed afterwards."""
-    root = find_cgroup2_mount()
+    root = cgroup2_mount().path
     enabled = (root / "cgroup.subtree_control").read_text().split()
     missing = [c for c in REQUIRED_CONTROLLERS if c not in enabled]
     if missing:
@@ -94,7 +94,7 @@ def _spawn_in(cgroup: Path, *argv: str) -> subprocess.Popen[bytes]:
 
 
 def test_cgroup2_root_has_required_controllers() -> None:
-    root = find_cgroup2_mount()
+    root = cgroup2_mount().path
     available = set((root / "cgroup.controllers").read_text().split())
     assert set(REQUIRED_CONTROLLERS) <= available, f"{root}/cgroup.controllers: {sorted(available)}"
 
