@@ -72,7 +72,7 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=1, help="commands started at once")
     args = parser.parse_args()
 
-    from support import Daemon, create_session, wait_for
+    from support import Daemon, call_cgroups, create_session, wait_for
 
     from agentd.api.gen import agentd_pb2 as pb
 
@@ -91,7 +91,7 @@ def main() -> int:
             results = {}
             for call_id in inside:
                 results[call_id] = admin.wait(call_id, timeout=30)
-            wait_for(lambda: [p.name for p in daemon.session_path(session).iterdir() if p.name.startswith("tc-")] == [])
+            wait_for(lambda: call_cgroups(daemon.session_path(session)) == [])
             admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=session))
     finally:
         daemon.stop()

@@ -110,12 +110,24 @@ def raw_calls(parent: Path, calls: int) -> list[float]:
     return shares
 
 
+def launches(calls: int) -> int:
+    """The client's own part alone, without agentd: launch held, release, exec /bin/true, wait."""
+    from agentd.launch import launch, release
+
+    for _ in range(calls):
+        pid, go = launch([TRUE])
+        release(go)
+        os.waitpid(pid, 0)
+    return calls
+
+
 def _worker(args: tuple[str, str, int]) -> list[float]:
     return agentd_calls(*args)
 
 
-def concurrent(socket_path: str, session: str, calls: int, clients: int) -> tuple[float, list[float]]:
-    """`clients` processes share `calls`; return (calls per second, all shares)."""
+def concurrent(socket_path: str, session: str, calls: int, clients: int) -> tuple[float, list[float], float]:
+    """`clients` processes share `calls`; return (calls per second, all shares, launches per second without
+    agentd: this machine's ceiling for the same clients)."""
     ctx = multiprocessing.get_context("spawn")
     per = max(1, calls // clients)
     with ctx.Pool(clients) as pool:
@@ -123,8 +135,11 @@ def concurrent(socket_path: str, session: str, calls: int, clients: int) -> tupl
         start = time.perf_counter()
         shares = pool.map(_worker, [(socket_path, session, per)] * clients)
         elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        launched = sum(pool.map(launches, [per] * clients))
+        ceiling = launched / (time.perf_counter() - start)
     flat = [s for chunk in shares for s in chunk]
-    return len(flat) / elapsed, flat
+    return len(flat) / elapsed, flat, ceiling
 
 
 def row(name: str, values: list[float]) -> str:
@@ -170,7 +185,7 @@ def main() -> int:
             raw = raw_calls(raw_dir, args.calls)
         finally:
             cgroupfs.remove_tree(raw_dir)
-        rate, loaded = concurrent(socket_path, session, args.calls, args.clients)
+        rate, loaded, ceiling = concurrent(socket_path, session, args.calls, args.clients)
         if not args.session:
             with Client(socket_path) as admin:
                 admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=session))
@@ -187,8 +202,10 @@ def main() -> int:
     print(row(f"agentd, {args.clients} clients", loaded))
     print(row("raw cgroup ops, 1 client", raw))
     print(row("empty gRPC round trip (floor)", floor))
-    print(f"throughput with {args.clients} clients: {rate:.0f} calls/s (incl. fork+exec of {TRUE})")
-    print(f"agentd/raw p50 ratio: {ratio:.1f}x")
+    print(f"throughput with {args.clients} clients: {rate:.0f} calls/s (incl. fork+exec of {TRUE}); "
+          f"the same clients launching {TRUE} without agentd: {ceiling:.0f}/s")
+    print(f"agentd/raw p50 ratio: {ratio:.1f}x; agentd/empty gRPC round trip p50 ratio: "
+          f"{percentile(sequential, 0.5) / percentile(floor, 0.5):.1f}x")
     print(f"p50_ms={p50:.3f} p99_ms={p99:.3f} calls_per_s={rate:.0f} raw_ratio={ratio:.2f}")
     return 0
 
