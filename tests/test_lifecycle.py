@@ -13,7 +13,7 @@ import pytest
 from support import AGENTCTL, Daemon, call_cgroups, create_session, rpc_error, spawn_in, wait_for
 
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.api.join import JoinError, Placement, join
+from agentd.api.join import MAX_HELD_PER_CONNECTION, JoinError, Placement, join
 from agentd.kernel import cgroupfs
 from agentd.kernel.mounts import cgroup2_mount
 from agentd.launch import launch
@@ -328,6 +328,24 @@ def test_held_process_refusals(daemon: Daemon, session: tuple[str, str]) -> None
         assert placement.sock.recv(64) == b""  # a malformed HOLD closes the connection
         placement.close()
         assert not call_cgroups(daemon.session_path(sid))
+    # HOLDs nobody claims keep descriptors in agentd: a connection may not pile them up, and closing it
+    # releases them.
+    assert daemon.proc is not None
+    fds = Path(f"/proc/{daemon.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    sleeper = subprocess.Popen(["sleep", "100"])
+    flood = Placement(str(daemon.join_socket))
+    try:
+        pidfd = os.pidfd_open(sleeper.pid)
+        for i in range(MAX_HELD_PER_CONNECTION + 1):
+            flood.hold(f"flood-{i}", pidfd)
+        os.close(pidfd)
+        assert flood.sock.recv(64) == b""
+    finally:
+        flood.close()
+        sleeper.kill()
+        sleeper.wait()
+    wait_for(lambda: len(list(fds.iterdir())) <= before)
 
 
 def test_status_says_whether_placements_can_stall(daemon: Daemon) -> None:

@@ -42,6 +42,7 @@ MAX_LINE = 512
 MAX_REF = 64
 IDLE_TIMEOUT_SECONDS = 30.0
 HOLD_WAIT_SECONDS = 5.0  # how long a BeginToolCall waits for the HOLD it names (sent just before it)
+MAX_HELD_PER_CONNECTION = 16  # a HOLD keeps a pidfd open in agentd until claimed or expired
 _UCRED = struct.Struct("3i")
 _FD_SPACE = socket.CMSG_SPACE(struct.calcsize("i"))
 
@@ -117,8 +118,11 @@ class _Connection:
         verb, _, rest = line.partition(" ")
         if verb == "HOLD":
             ref = rest.strip()
-            if len(fds) != 1 or not 0 < len(ref) <= MAX_REF or ref in self.server.held:
-                log.warning("join socket: malformed HOLD, closing the connection", extra={"pid": self.sender})
+            held = sum(1 for h in self.server.held.values() if h.connection is self)
+            malformed = len(fds) != 1 or not 0 < len(ref) <= MAX_REF or ref in self.server.held
+            if malformed or held >= MAX_HELD_PER_CONNECTION:
+                log.warning("join socket: malformed or excess HOLD, closing the connection",
+                            extra={"pid": self.sender})
                 self.close()
                 return
             self.server.hold(ref, self, fds.pop())
