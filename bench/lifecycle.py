@@ -37,14 +37,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def agentd_calls(socket_path: str, session: str, calls: int) -> list[float]:
-    """Run `calls` tool calls one after another; return the daemon's share of each, in seconds: the steps of
-    agentd.client's run() timed one by one."""
+def agentd_calls(socket_path: str, session: str, calls: int) -> tuple[list[float], list[float]]:
+    """Run `calls` tool calls one after another, timing the steps of agentd.client's run() one by one; return
+    (HOLD + BeginToolCall, END) of each, in seconds."""
     from agentd.api.gen import agentd_pb2 as pb
     from agentd.client import Client
     from agentd.launch import launch, release
 
-    shares = []
+    begins, ends = [], []
     intent = pb.Intent(tool="true", argv=[TRUE])
     with Client(socket_path) as client:
         for _ in range(calls):
@@ -58,8 +58,9 @@ def agentd_calls(socket_path: str, session: str, calls: int) -> list[float]:
             result = client.end(begun.call_id, status)
             t3 = time.perf_counter()
             assert result.outcome == pb.OUTCOME_OK, result
-            shares.append((t1 - t0) + (t3 - t2))
-    return shares
+            begins.append(t1 - t0)
+            ends.append(t3 - t2)
+    return begins, ends
 
 
 def grpc_floor(socket_path: str, calls: int) -> list[float]:
@@ -122,7 +123,8 @@ def launches(calls: int) -> int:
 
 
 def _worker(args: tuple[str, str, int]) -> list[float]:
-    return agentd_calls(*args)
+    begins, ends = agentd_calls(*args)
+    return [b + e for b, e in zip(begins, ends, strict=True)]
 
 
 def concurrent(socket_path: str, session: str, calls: int, clients: int) -> tuple[float, list[float], float]:
@@ -175,7 +177,8 @@ def main() -> int:
             session = args.session or create_session(admin, f"bench-{os.getpid()}")[0]
             sessions_root = Path(admin.call("GetSession", pb.GetSessionRequest(session_id=session)).cgroup)
         agentd_calls(socket_path, session, 50)  # warm-up
-        sequential = agentd_calls(socket_path, session, args.calls)
+        begins, ends = agentd_calls(socket_path, session, args.calls)
+        sequential = [b + e for b, e in zip(begins, ends, strict=True)]
         grpc_floor(socket_path, 50)
         floor = grpc_floor(socket_path, args.calls)
         raw_dir = sessions_root.parent.parent / f"bench-raw-{os.getpid()}"
@@ -199,6 +202,8 @@ def main() -> int:
     ratio = percentile(sequential, 0.5) / percentile(raw, 0.5)
     print(f"{'per-call share (ms)':<34} {'calls':>6} {'p50':>9} {'p99':>9} {'max':>9}")
     print(row("agentd, 1 client", sequential))
+    print(row("  of which HOLD + BeginToolCall", begins))
+    print(row("  of which END (result)", ends))
     print(row(f"agentd, {args.clients} clients", loaded))
     print(row("raw cgroup ops, 1 client", raw))
     print(row("empty gRPC round trip (floor)", floor))
