@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from agentd.core.intents import Limits
 from agentd.core.records import RecordStore
@@ -51,3 +57,32 @@ def test_unreadable_lines_are_skipped(tmp_path: Path) -> None:
     again = RecordStore(path, 1 << 20, 10)
     assert [r.call_id for r in again.recent(None, 10)] == ["good"]
     again.close()
+
+
+def test_full_disk_keeps_lines_pending(tmp_path: Path) -> None:
+    """A write that fails (ENOSPC on a tiny tmpfs) loses nothing: the lines stay pending, no partial line is
+    left, and the next write_pending() after space came back writes each line once."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        filler = mount / "filler"
+        store = RecordStore(mount / "records.jsonl", 1 << 20, 1000)
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:  # fill the file system
+                os.write(fd, b"x" * 4096)
+        os.close(fd)
+        for i in range(20):
+            store.append(result(f"c{i}"))
+        with pytest.raises(OSError):
+            store.write_pending()
+        written = (mount / "records.jsonl").read_bytes()
+        assert written == b"" or written.endswith(b"\n")
+        filler.unlink()
+        store.write_pending()
+        store.close()
+        ids = [json.loads(line)["call_id"] for line in (mount / "records.jsonl").read_text().splitlines()]
+        assert sorted(ids) == sorted(f"c{i}" for i in range(20))
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

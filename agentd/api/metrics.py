@@ -58,23 +58,30 @@ class Metrics:
         self.network_denials = Counter(
             "agentd_network_denials", "Connects/sends refused to tool calls with network intent NONE", registry=r
         )
-        for implicit in ("false", "true"):
-            self.started.labels(implicit)
-        for outcome in Outcome:
-            if outcome != Outcome.UNSPECIFIED:
-                self.finished.labels(outcome.name.lower())
+        # Labelled children resolved once: labels() costs more than the increment on the per-call path.
+        self._started = {implicit: self.started.labels(str(implicit).lower()) for implicit in (False, True)}
+        self._finished_by: dict[Outcome, Counter] = {
+            outcome: self.finished.labels(outcome.name.lower()) for outcome in Outcome if outcome != Outcome.UNSPECIFIED
+        }
+        self._api: dict[tuple[str, str], Histogram] = {}
         r.register(_StateCollector(engine))
         engine.on_begin.append(self._began)
         engine.on_finish.append(self._finished)
         self._server: WSGIServer | None = None
 
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        child = self._api.get((method, code))
+        if child is None:
+            child = self._api[(method, code)] = self.api.labels(method, code)
+        child.observe(seconds)
+
     def _began(self, call: ToolCall) -> None:
-        self.started.labels(str(call.implicit).lower()).inc()
+        self._started[call.implicit].inc()
         if call.capture is not None:
             self.capture_latency.observe(call.capture.latency_seconds)
 
     def _finished(self, result: Result) -> None:
-        self.finished.labels(result.outcome.name.lower()).inc()
+        (self._finished_by.get(result.outcome) or self.finished.labels(result.outcome.name.lower())).inc()
         self.oom_kills.inc(result.memory_events.get("oom_kill", 0))
         self.network_denials.inc(result.network_denials)
         if result.started_unix:

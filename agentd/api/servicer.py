@@ -69,7 +69,7 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
             log.error("cgroup operation failed", extra={"method": name, "error": str(exc)})
             await context.abort(code, f"kernel refused: {exc}")
         finally:
-            self.metrics.api.labels(name, code.name).observe(time.perf_counter() - start)
+            self.metrics.observe_request(name, code.name, time.perf_counter() - start)
         raise AssertionError("unreachable: abort raises")
 
     return wrapper

@@ -481,12 +481,21 @@ class Engine:
         self.tracking.drain()  # keeps the ring buffer's batches small
         for call, _result, counters in retiring:
             self._release(call, counters)
-        self.records.write_pending()
+        try:
+            self.records.write_pending()
+        except OSError as exc:  # e.g. a full disk: the lines stay pending for the next round
+            log.error("records not written", extra={"file": str(self.records.path), "error": str(exc)})
         for call, result, _counters in retiring:
-            if not cgroupfs.remove(call.path):
-                self.loop.create_task(self._remove_later(call.path))
+            try:
+                if not cgroupfs.remove(call.path):
+                    self.loop.create_task(self._remove_later(call.path))
+            except cgroupfs.CgroupError as exc:
+                log.error("cgroup not removed", extra={"call": call.id, "error": str(exc)})
             for listener in self.on_finish:
-                listener(result)
+                try:
+                    listener(result)
+                except Exception:  # a bug there must not keep the other calls' cgroups
+                    log.exception("finish listener failed", extra={"call": call.id})
 
     def _result(self, call: ToolCall, stats: cgroupfs.CgroupStats, ran: bool, denials: int, forks: int) -> Result:
         # The client's report first, then the kernel's word on the first process.

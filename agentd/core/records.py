@@ -10,6 +10,7 @@ for reconciling after a restart (a call whose record exists is not recorded twic
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -72,20 +73,29 @@ class RecordStore:
 
     def write_pending(self) -> None:
         """Write the lines of the results appended since the last call, rotating the file where a line would
-        take it beyond max_bytes."""
-        if not self._pending:
-            return
-        size = os.fstat(self._fd).st_size
-        chunk = b""
-        for result in self._pending:
-            line = json.dumps(result.to_json(), separators=(",", ":")).encode() + b"\n"
-            if size + len(chunk) + len(line) > self.max_bytes and size + len(chunk) > 0:
-                os.write(self._fd, chunk)
+        take it beyond max_bytes. On OSError the lines not written stay pending."""
+        while self._pending:
+            size = os.fstat(self._fd).st_size
+            lines: list[bytes] = []
+            total = 0
+            for result in self._pending:
+                line = json.dumps(result.to_json(), separators=(",", ":")).encode() + b"\n"
+                if size + total + len(line) > self.max_bytes and size + total > 0:
+                    break
+                lines.append(line)
+                total += len(line)
+            if not lines:
                 self._rotate()
-                size, chunk = 0, b""
-            chunk += line
-        self._pending.clear()
-        os.write(self._fd, chunk)
+                continue
+            self._write(b"".join(lines))
+            del self._pending[: len(lines)]
+
+    def _write(self, data: bytes) -> None:
+        """Append whole lines; OSError (e.g. a full disk) leaves the file as it was."""
+        written = os.write(self._fd, data)
+        if written != len(data):  # a short write: take the partial line back
+            os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            raise OSError(errno.ENOSPC, f"short write to {self.path}")
         self._dirty.set()
 
     def _sync_loop(self) -> None:

@@ -23,7 +23,7 @@ import enum
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,6 +49,9 @@ class EventType(enum.IntEnum):
 class CgroupKind(enum.IntFlag):
     AGENT_LEAF = 1  # execs here of set_wake_names() basenames wake the consumer at once
     TOOL_CALL = 2
+
+
+_KINDS = {int(kind): kind for kind in CgroupKind}  # IntFlag(value) is slow; this is the hot path
 
 
 class ProcessCounters(NamedTuple):
@@ -91,23 +94,23 @@ class ProcessEvent:
 def decode_event(record: bytes) -> ProcessEvent:
     """Decode one ring buffer record (struct event, or struct exec_event for EXEC)."""
     kind, flags, ts_ns, cgroup_id, pid, tgid, ppid, status, comm, parent_comm = _HEADER.unpack_from(record)
-    event = ProcessEvent(
-        EventType(kind), ts_ns, cgroup_id, CgroupKind(flags), pid, tgid, ppid, _text(comm), _text(parent_comm)
-    )
-    if event.type is EventType.EXIT:
-        return replace(event, wait_status=status)
-    if event.type is EventType.EXEC:
-        args_size, filename, args = _EXEC.unpack_from(record, _HEADER.size)
-        argv = args[: min(args_size, len(args))].split(b"\0")
-        if argv and not argv[-1]:
-            argv.pop()  # the terminating NUL of the last argument
-        return replace(
-            event,
-            filename=_text(filename),
-            argv=tuple(arg.decode(errors="replace") for arg in argv),
-            argv_truncated=args_size > len(args),
+    event_type = EventType(kind)
+    cgroup_kind = _KINDS.get(flags) or CgroupKind(flags)
+    if event_type is not EventType.EXEC:
+        return ProcessEvent(
+            event_type, ts_ns, cgroup_id, cgroup_kind, pid, tgid, ppid, _text(comm), _text(parent_comm),
+            wait_status=status if event_type is EventType.EXIT else 0,
         )
-    return event
+    args_size, filename, args = _EXEC.unpack_from(record, _HEADER.size)
+    argv = args[: min(args_size, len(args))].split(b"\0")
+    if argv and not argv[-1]:
+        argv.pop()  # the terminating NUL of the last argument
+    return ProcessEvent(
+        event_type, ts_ns, cgroup_id, cgroup_kind, pid, tgid, ppid, _text(comm), _text(parent_comm),
+        filename=_text(filename),
+        argv=tuple(arg.decode(errors="replace") for arg in argv),
+        argv_truncated=args_size > len(args),
+    )
 
 
 class LifecycleTracker(Closing):
