@@ -121,3 +121,15 @@ def test_second_daemon_on_the_same_socket_refuses(daemon_factory: Callable[..., 
                            capture_output=True, text=True, env=d.env(), timeout=60)
     assert again.returncode == 1 and "already listening" in again.stderr
     assert d.admin_socket.exists()
+
+
+def test_a_client_outlives_a_daemon_restart(daemon_factory: Callable[..., Daemon]) -> None:
+    """One Client across a restart: its gRPC channel and join connection come back by themselves."""
+    d = daemon_factory().start()
+    with d.admin() as admin:
+        sid, _ = create_session(admin, "steady")
+        assert admin.run(["true"], sid).ok
+        assert d.stop() == 0
+        d.start()
+        again = admin.run(["sh", "-c", "exit 4"], sid)
+        assert (again.exit_code, again.result.outcome, again.result.exit_code) == (4, pb.OUTCOME_FAILED, 4)
