@@ -100,8 +100,9 @@ class _Connection:
         if not data:
             self.close()
             return
+        self._touch()
         self.buffer += data
-        while b"\n" in self.buffer:
+        while b"\n" in self.buffer and self.sock.fileno() >= 0:
             line, self.buffer = self.buffer.split(b"\n", 1)
             # A read ends with the message that carried descriptors: they belong to its last complete line.
             fds, self.fds = (self.fds, array.array("i")) if b"\n" not in self.buffer else (array.array("i"), self.fds)
@@ -110,7 +111,7 @@ class _Connection:
             finally:
                 for fd in fds:
                     os.close(fd)
-        if len(self.buffer) > MAX_LINE:
+        if len(self.buffer) > MAX_LINE and self.sock.fileno() >= 0:
             self.reply("ERR INVALID_ARGUMENT line too long")
             self.close()
 
@@ -157,9 +158,15 @@ class _Connection:
         self.reply("RESULT " + base64.b64encode(result.SerializeToString()).decode())
         self.server.answered()  # the client is busy with the result now: a good moment for deferred work
 
-    def reply(self, line: str) -> None:
+    def _touch(self) -> None:
+        """The connection is in use: its idle timeout starts over."""
         self.idle.cancel()
         self.idle = self.server.loop.call_later(IDLE_TIMEOUT_SECONDS, self.close)
+
+    def reply(self, line: str) -> None:
+        if self.sock.fileno() < 0:  # closed meanwhile (an END answered after the client went away)
+            return
+        self._touch()
         try:
             self.sock.sendall(line.encode() + b"\n")
         except OSError:
