@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from support import Daemon, create_session, spawn_in, wait_for
 
@@ -133,3 +135,37 @@ def test_a_client_outlives_a_daemon_restart(daemon_factory: Callable[..., Daemon
         d.start()
         again = admin.run(["sh", "-c", "exit 4"], sid)
         assert (again.exit_code, again.result.outcome, again.result.exit_code) == (4, pb.OUTCOME_FAILED, 4)
+
+
+def test_full_disk_keeps_the_call_until_its_record_is_written(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """The answer does not wait for the records file, but the call's cgroup stays until its line is written:
+    with the state directory full, nothing is removed and nothing is lost; once there is room, both happen."""
+    state = tmp_path / "state-on-tmpfs"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state)], check=True)
+    d = daemon_factory(daemon={"state_dir": str(state)})
+    try:
+        d.start()
+        with d.admin() as admin:
+            sid, _ = create_session(admin, "full")
+            filler = os.open(state / "filler", os.O_WRONLY | os.O_CREAT)
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(filler, b"x" * 4096)
+            os.close(filler)
+            done = admin.run(["true"], sid)
+            assert done.ok
+            call_dir = d.session_path(sid) / f"tc-{done.result.call_id}"
+            wait_for(lambda: b"records not written" in d.log.read_bytes())
+            assert call_dir.is_dir() and cgroupfs.get_label(call_dir, "call") is not None
+            listed = admin.call("ListToolCalls", pb.ListToolCallsRequest(session_id=sid)).finished
+            assert [r.call_id for r in listed] == [done.result.call_id]
+            (state / "filler").unlink()
+            wait_for(lambda: not call_dir.exists())
+            lines = (state / "records.jsonl").read_text().splitlines()
+            assert [json.loads(line)["call_id"] for line in lines] == [done.result.call_id]
+    finally:
+        d.stop()
+        subprocess.run(["umount", str(state)], check=True)

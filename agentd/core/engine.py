@@ -53,6 +53,7 @@ EMPTY_WAIT_SECONDS = 10.0
 # Work the answers do not wait for (a finished call's record line and rmdir, new spare cgroups) runs at most
 # this long after them, batched with the work of other answers meanwhile.
 HOUSEKEEPING_DELAY_SECONDS = 0.005
+RECORDS_RETRY_SECONDS = 1.0
 
 FinishListener = Callable[[Result], None]
 Placement = tuple[int, int]  # (pid of the process asking, pid to place), both as the kernel reported them
@@ -483,8 +484,11 @@ class Engine:
             self._release(call, counters)
         try:
             self.records.write_pending()
-        except OSError as exc:  # e.g. a full disk: the lines stay pending for the next round
-            log.error("records not written", extra={"file": str(self.records.path), "error": str(exc)})
+        except OSError as exc:  # e.g. a full disk: the cgroups stay, and the lines pending, until it works
+            log.error("records not written; retrying", extra={"file": str(self.records.path), "error": str(exc)})
+            self._retiring[:0] = retiring
+            self.loop.call_later(RECORDS_RETRY_SECONDS, self._arm_housekeeping)
+            return
         for call, result, _counters in retiring:
             try:
                 if not cgroupfs.remove(call.path):

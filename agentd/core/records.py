@@ -133,8 +133,12 @@ class RecordStore:
         return out
 
     def close(self) -> None:
-        """Write what is pending, flush and close; waits for the syncer."""
-        self.write_pending()
+        """Write what is pending, flush and close; waits for the syncer. Lines that cannot be written now are
+        lost here, but not their calls: their cgroups are still there for the next start to record."""
+        try:
+            self.write_pending()
+        except OSError as exc:
+            log.error("records not written at close", extra={"file": str(self.path), "error": str(exc)})
         self._closing.set()
         self._dirty.set()
         self._syncer.join()
