@@ -55,7 +55,7 @@ KEYS: tuple[Key, ...] = (
         "gRPC Sandbox service, bind-mounted into sandboxes; every call needs a session token"),
     Key("api", "sandbox_socket_mode", "mode", "0666", "file mode of the sandbox socket"),
     Key("api", "join_socket", "path", "/run/agentd/join.sock",
-        "Unix socket where the process that will exec a tool presents its join token"),
+        "Unix socket where launchers place the processes of tool calls (HOLD, JOIN) and report their end (END)"),
     Key("api", "join_timeout_seconds", "float", 30.0,
         "a call whose process has not joined by then is cancelled and its cgroup removed", 0.1, 3600),
     Key("api", "exit_report_grace_seconds", "float", 2.0,
