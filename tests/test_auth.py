@@ -109,9 +109,23 @@ def test_health_service_on_both_sockets(daemon: Daemon) -> None:
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_pidfd_placement_needs_sender_and_target_in_the_session(daemon: Daemon, session: tuple[str, str]) -> None:
+def place_an_outsider(daemon: Daemon, session: tuple[str, str], code: str) -> list[str]:
+    """Run `code` (Python; {pid} is a process outside the session) in the session's agent/ leaf with its token;
+    return the words it printed, once checked that the outside process was not moved."""
     sid, token = session
     outsider = subprocess.Popen(["sleep", "100"])
+    try:
+        agent = spawn_in(daemon.session_path(sid) / "agent", [sys.executable, "-c", code.format(pid=outsider.pid)],
+                         env=daemon.env(token), stdout=subprocess.PIPE)
+        out, _ = agent.communicate(timeout=60)
+        assert "agentd" not in Path(f"/proc/{outsider.pid}/cgroup").read_text()
+        return out.decode().split()
+    finally:
+        outsider.kill()
+        outsider.wait()
+
+
+def test_pidfd_placement_needs_sender_and_target_in_the_session(daemon: Daemon, session: tuple[str, str]) -> None:
     code = (
         "import os, sys\n"
         "from agentd.api.join import JoinError, Placement\n"
@@ -120,7 +134,7 @@ def test_pidfd_placement_needs_sender_and_target_in_the_session(daemon: Daemon, 
         "begun = client.begin(__import__('agentd.api.gen.agentd_pb2', fromlist=['x']).Intent(tool='steal'))\n"
         "placement = Placement(begun.join_socket)\n"
         "try:\n"
-        f"    placement.place(begun.join_token, os.pidfd_open({outsider.pid}))\n"
+        "    placement.place(begun.join_token, os.pidfd_open({pid}))\n"
         "    print('PLACED')\n"
         "except JoinError as exc:\n"
         "    print(exc.code)\n"
@@ -130,42 +144,25 @@ def test_pidfd_placement_needs_sender_and_target_in_the_session(daemon: Daemon, 
         "except JoinError as exc:\n"
         "    print(exc.code)\n"
     )
-    try:
-        agent = spawn_in(daemon.session_path(sid) / "agent", [sys.executable, "-c", code], env=daemon.env(token),
-                         stdout=subprocess.PIPE)
-        out, _ = agent.communicate(timeout=60)
-        assert out.decode().split() == ["PERMISSION_DENIED", "PERMISSION_DENIED"]
-        assert "agentd" not in Path(f"/proc/{outsider.pid}/cgroup").read_text()
-    finally:
-        outsider.kill()
-        outsider.wait()
+    assert place_an_outsider(daemon, session, code) == ["PERMISSION_DENIED", "PERMISSION_DENIED"]
 
 
 def test_held_process_is_checked_like_a_join(daemon: Daemon, session: tuple[str, str]) -> None:
     """BeginToolCall naming a held process: a sandbox can only have its own session's processes placed; a refused
     placement is marked as such (the command never ran) and leaves no call behind."""
     sid, token = session
-    outsider = subprocess.Popen(["sleep", "100"])
     code = (
         "import os, grpc\n"
         "from agentd.api.gen import agentd_pb2 as pb\n"
         "from agentd.client import PLACEMENT_METADATA, Client\n"
         "client = Client(os.environ['AGENTD_SOCKET'], os.environ['AGENTD_SESSION_TOKEN'])\n"
         "try:\n"
-        f"    client.begin(pb.Intent(tool='steal'), pid={outsider.pid})\n"
+        "    client.begin(pb.Intent(tool='steal'), pid={pid})\n"
         "    print('PLACED')\n"
         "except grpc.RpcError as exc:\n"
         "    print(exc.code().name, dict(exc.trailing_metadata()).get(PLACEMENT_METADATA))\n"
     )
-    try:
-        agent = spawn_in(daemon.session_path(sid) / "agent", [sys.executable, "-c", code], env=daemon.env(token),
-                         stdout=subprocess.PIPE)
-        out, _ = agent.communicate(timeout=60)
-        assert out.decode().split() == ["PERMISSION_DENIED", "refused"]
-        assert "agentd" not in Path(f"/proc/{outsider.pid}/cgroup").read_text()
-        assert not call_cgroups(daemon.session_path(sid))
-        with daemon.sandbox(token) as sandbox:
-            assert not sandbox.call("ListToolCalls", pb.ListToolCallsRequest(include_active=True)).active
-    finally:
-        outsider.kill()
-        outsider.wait()
+    assert place_an_outsider(daemon, session, code) == ["PERMISSION_DENIED", "refused"]
+    assert not call_cgroups(daemon.session_path(sid))
+    with daemon.sandbox(token) as sandbox:
+        assert not sandbox.call("ListToolCalls", pb.ListToolCallsRequest(include_active=True)).active
