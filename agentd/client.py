@@ -223,8 +223,4 @@ def _placement_refused(exc: BaseException) -> TypeGuard[grpc.RpcError]:
 
 
 class RunError(RuntimeError):
-    """The command could not be started inside its tool call."""
-
-    def __init__(self, message: str, result: pb.ToolCallResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
+    """The command could not be started inside its tool call (it never ran)."""
