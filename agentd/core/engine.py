@@ -574,9 +574,7 @@ class Engine:
         call.end_requested = True
         if exit_status is not None and call.exit_status is None:
             call.exit_status = exit_status
-        if call.state == CallState.FINISHED:
-            pass
-        elif call.state == CallState.PENDING:
+        if call.state == CallState.PENDING:
             self._kill_nowait(call, KillReason.CANCELLED, "ended before any process joined")
         elif not self._populated(call):
             self._finalise(call)
