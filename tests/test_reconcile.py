@@ -117,6 +117,16 @@ def test_stop_leaves_sessions_for_the_next_start(daemon_factory: Callable[..., D
         assert [s.spec.id for s in admin.call("ListSessions", pb.ListSessionsRequest()).sessions] == [sid]
 
 
+def test_stops_on_sigterm_even_when_started_with_it_blocked(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory()
+    inherited = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # survives exec
+    try:
+        d.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, inherited)
+    assert d.stop() == 0
+
+
 def test_second_daemon_on_the_same_socket_refuses(daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory().start()
     again = subprocess.run([sys.executable, "-m", "agentd.daemon", "--config", str(d.config)],

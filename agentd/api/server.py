@@ -33,6 +33,7 @@ from agentd.kernel.watch import Watcher
 
 log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 2.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class DaemonError(RuntimeError):
@@ -80,8 +81,11 @@ async def _grpc_server(service: Service, socket_path: Path, mode: int, gid: int 
 async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
+    # A blocked signal mask survives exec: a parent that blocked these (a supervisor, a program waiting in
+    # sigwait) would otherwise leave agentd deaf to its stop signals.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     sockets = (config.admin_socket, config.sandbox_socket, config.join_socket)
     for path in sockets:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
