@@ -18,18 +18,65 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import resource
+import socket
 import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 TRUE = "/bin/true"
+T = TypeVar("T")
 _F = struct.Struct("d")
+
+
+def server_pid(socket_path: str) -> int:
+    """The pid of the process listening on a Unix socket (SO_PEERCRED of a connection to it): agentd."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.connect(socket_path)
+        return struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+
+
+@dataclass(frozen=True)
+class CpuPerCall:
+    """CPU seconds per call: agentd's (all threads) in user space and in the kernel, and this process's."""
+
+    user: float
+    kernel: float
+    client: float
+
+    def row(self, name: str, with_client: bool = True) -> str:
+        values = [self.user + self.kernel, self.user, self.kernel] + ([self.client] if with_client else [])
+        return f"{name:<34}" + "".join(f" {v * 1e3:>9.3f}" for v in values)
+
+
+class CpuMeter:
+    """agentd's CPU time (from /proc/<pid>/stat) and this process's over a stretch of the bench."""
+
+    def __init__(self, pid: int) -> None:
+        self.stat = f"/proc/{pid}/stat"
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _read(self) -> tuple[float, float, float]:
+        with open(self.stat) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return int(fields[11]) / self.tick, int(fields[12]) / self.tick, usage.ru_utime + usage.ru_stime
+
+    def measure(self, calls: int, run: Callable[[], T]) -> tuple[T, CpuPerCall]:
+        """run()'s result, and the CPU spent per call while it ran."""
+        before = self._read()
+        result = run()
+        user, kernel, client = (b - a for a, b in zip(before, self._read(), strict=True))
+        return result, CpuPerCall(user / calls, kernel / calls, client / calls)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -127,21 +174,24 @@ def _worker(args: tuple[str, str, int]) -> list[float]:
     return [b + e for b, e in zip(begins, ends, strict=True)]
 
 
-def concurrent(socket_path: str, session: str, calls: int, clients: int) -> tuple[float, list[float], float]:
-    """`clients` processes share `calls`; return (calls per second, all shares, launches per second without
-    agentd: this machine's ceiling for the same clients)."""
+def concurrent(
+    socket_path: str, session: str, calls: int, clients: int, meter: CpuMeter
+) -> tuple[float, list[float], CpuPerCall, float]:
+    """`clients` processes share `calls`; return (calls per second, all shares, CPU per call (the clients'
+    own is not counted), launches per second without agentd: this machine's ceiling for the same clients)."""
     ctx = multiprocessing.get_context("spawn")
     per = max(1, calls // clients)
     with ctx.Pool(clients) as pool:
         pool.map(_worker, [(socket_path, session, 5)] * clients)  # warm-up: imports, channels
         start = time.perf_counter()
-        shares = pool.map(_worker, [(socket_path, session, per)] * clients)
+        work = [(socket_path, session, per)] * clients
+        shares, cpu = meter.measure(per * clients, lambda: pool.map(_worker, work))
         elapsed = time.perf_counter() - start
         start = time.perf_counter()
         launched = sum(pool.map(launches, [per] * clients))
         ceiling = launched / (time.perf_counter() - start)
     flat = [s for chunk in shares for s in chunk]
-    return len(flat) / elapsed, flat, ceiling
+    return len(flat) / elapsed, flat, cpu, ceiling
 
 
 def row(name: str, values: list[float]) -> str:
@@ -176,11 +226,13 @@ def main() -> int:
         with Client(socket_path) as admin:
             session = args.session or create_session(admin, f"bench-{os.getpid()}")[0]
             sessions_root = Path(admin.call("GetSession", pb.GetSessionRequest(session_id=session)).cgroup)
+        meter = CpuMeter(server_pid(socket_path))
         agentd_calls(socket_path, session, 50)  # warm-up
-        begins, ends = agentd_calls(socket_path, session, args.calls)
+        (begins, ends), call_cpu = meter.measure(
+            args.calls, lambda: agentd_calls(socket_path, session, args.calls))
         sequential = [b + e for b, e in zip(begins, ends, strict=True)]
         grpc_floor(socket_path, 50)
-        floor = grpc_floor(socket_path, args.calls)
+        floor, floor_cpu = meter.measure(args.calls, lambda: grpc_floor(socket_path, args.calls))
         raw_dir = sessions_root.parent.parent / f"bench-raw-{os.getpid()}"
         os.mkdir(raw_dir)
         try:
@@ -188,7 +240,7 @@ def main() -> int:
             raw = raw_calls(raw_dir, args.calls)
         finally:
             cgroupfs.remove_tree(raw_dir)
-        rate, loaded, ceiling = concurrent(socket_path, session, args.calls, args.clients)
+        rate, loaded, loaded_cpu, ceiling = concurrent(socket_path, session, args.calls, args.clients, meter)
         if not args.session:
             with Client(socket_path) as admin:
                 admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=session))
@@ -207,6 +259,10 @@ def main() -> int:
     print(row(f"agentd, {args.clients} clients", loaded))
     print(row("raw cgroup ops, 1 client", raw))
     print(row("empty gRPC round trip (floor)", floor))
+    print(f"{'CPU per call (ms)':<34} {'agentd':>9} {'user':>9} {'kernel':>9} {'client':>9}")
+    print(call_cpu.row("tool call, 1 client (+launch)"))
+    print(loaded_cpu.row(f"tool call, {args.clients} clients", with_client=False))  # clients: other processes
+    print(floor_cpu.row("empty gRPC request"))
     print(f"throughput with {args.clients} clients: {rate:.0f} calls/s (incl. fork+exec of {TRUE}); "
           f"the same clients launching {TRUE} without agentd: {ceiling:.0f}/s")
     print(f"agentd/raw p50 ratio: {ratio:.1f}x; agentd/empty gRPC round trip p50 ratio: "
