@@ -4,14 +4,21 @@ and cgroups is tested through the daemon: test_auth, test_lifecycle.)"""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
 import socket
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agentd.api import join
 from agentd.api.gen import agentd_pb2 as pb
+from agentd.core.errors import PermissionDenied
 
 
 async def _never_ends(call_id: str, wait_status: int | None) -> pb.ToolCallResult:
@@ -37,6 +44,23 @@ def _connect(path: Path) -> socket.socket:
     return sock
 
 
+@pytest.fixture(scope="module")
+def descriptors() -> Iterator[dict[str, int]]:
+    """Descriptors a client may attach: a live process's pidfd, an exited one's, something not a pidfd."""
+    live = subprocess.Popen(["sleep", "600"])
+    gone = subprocess.Popen(["true"])
+    fds = {"live": os.pidfd_open(live.pid), "exited": os.pidfd_open(gone.pid)}
+    gone.wait()
+    fds["pipe"], write_end = os.pipe()
+    try:
+        yield fds
+    finally:
+        live.kill()
+        live.wait()
+        for fd in (*fds.values(), write_end):
+            os.close(fd)
+
+
 def test_idle_connections_are_closed_busy_ones_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(join, "IDLE_TIMEOUT_SECONDS", 0.4)
     path = tmp_path / "join.sock"
@@ -57,3 +81,84 @@ def test_idle_connections_are_closed_busy_ones_kept(tmp_path: Path, monkeypatch:
             assert loop.time() - quiet >= 0.35
 
     _serve(path, body)
+
+
+VALID_ANSWER = re.compile(rb"(OK \S.*|ERR [A-Z_]+ .*|RESULT [A-Za-z0-9+/=]*)")
+words = st.one_of(
+    st.sampled_from(["a", "b", "x", "tc-a", "tc-b", "-", ""]),  # JOIN a places tc-a; x is refused
+    st.text(st.characters(codec="utf-8", exclude_characters="\n"), max_size=12),
+)
+statuses = st.one_of(st.integers(-(1 << 70), 1 << 70), st.sampled_from([0, 256, 9, 0x137F, 0xFFFF, 0x10000, -1]))
+structured = st.tuples(
+    st.sampled_from(["HOLD", "JOIN", "END", "hold", "JOIN\t", "END "]), words,
+    st.one_of(st.just(""), words, statuses.map(str)),
+).map(lambda parts: " ".join(parts).rstrip(" ").encode())
+conversation = st.one_of(  # what a client really says, with any wait status
+    st.sampled_from([b"JOIN a", b"JOIN b", b"JOIN x", b"HOLD r1", b"HOLD r2"]),
+    st.tuples(st.sampled_from(["tc-a", "tc-b"]), statuses).map(lambda end: f"END {end[0]} {end[1]}".encode()),
+)
+lines = st.one_of(
+    conversation,
+    structured,
+    st.binary(max_size=40),
+    st.binary(min_size=500, max_size=700).filter(lambda b: b"\n" not in b),  # over MAX_LINE
+)
+attachments = st.sampled_from([None, "live", "exited", "pipe"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(messages=st.lists(st.tuples(st.lists(lines, min_size=1, max_size=3), attachments), max_size=8))
+def test_fuzzed_lines_get_a_wellformed_answer_or_a_close(
+    tmp_path: Path, descriptors: dict[str, int], messages: list[tuple[list[bytes], str | None]]
+) -> None:
+    """Whatever a client sends, agentd's join server answers well-formed lines or closes the connection; no
+    exception escapes into the event loop, no descriptor stays behind, END passes on only real wait statuses."""
+    path = tmp_path / f"fuzz-{len(list(tmp_path.iterdir()))}.sock"
+    troubles: list[str] = []
+
+    def placer(token: str, sender: int, target: int | None) -> str:
+        if token.startswith("x"):
+            raise PermissionDenied("refused")
+        return f"tc-{token}"
+
+    async def ender(call_id: str, wait_status: int | None) -> pb.ToolCallResult:
+        if wait_status is not None and not (
+            0 <= wait_status <= 0xFFFF and (os.WIFEXITED(wait_status) or os.WIFSIGNALED(wait_status))
+        ):
+            troubles.append(f"END passed on wait status {wait_status}")
+        return pb.ToolCallResult(call_id=call_id)
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: troubles.append(str(context.get("message"))))
+        server = join.JoinServer(loop, path, placer, ender, lambda: None)
+        try:
+            with _connect(path) as client:
+                for sent, attached in messages:
+                    data = b"".join(line + b"\n" for line in sent)
+                    try:
+                        if attached is None:
+                            await loop.sock_sendall(client, data)
+                        else:
+                            socket.send_fds(client, [data], [descriptors[attached]])
+                        await asyncio.sleep(0)
+                    except OSError:  # closed by agentd (a malformed HOLD, a line too long)
+                        break
+                with contextlib.suppress(OSError):
+                    client.shutdown(socket.SHUT_WR)
+                received = b""
+                with contextlib.suppress(ConnectionResetError):  # closed by agentd with lines unread
+                    while chunk := await asyncio.wait_for(loop.sock_recv(client, 65536), 5):
+                        received += chunk
+            await asyncio.sleep(0.01)  # END answers still on their way are dropped
+            assert not server.held
+            return received
+        finally:
+            server.close()
+
+    before = len(os.listdir("/proc/self/fd"))
+    received = asyncio.run(main())
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert not troubles
+    for answer in received.split(b"\n")[:-1]:
+        assert VALID_ANSWER.fullmatch(answer), answer

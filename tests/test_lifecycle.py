@@ -16,7 +16,7 @@ from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.join import MAX_HELD_PER_CONNECTION, JoinError, Placement, join
 from agentd.kernel import cgroupfs
 from agentd.kernel.mounts import cgroup2_mount
-from agentd.launch import launch
+from agentd.launch import launch, release
 
 
 def test_session_layout_and_label(daemon: Daemon) -> None:
@@ -304,6 +304,28 @@ def test_join_socket_leaves_no_descriptor_open(daemon: Daemon, session: tuple[st
             os.waitpid(admin.spawn(begun, ["true"]), 0)
             assert admin.end(begun.call_id, 0).outcome == pb.OUTCOME_OK
         wait_for(lambda: len(list(fds.iterdir())) <= before)
+
+
+def test_end_refuses_what_is_not_a_wait_status(daemon: Daemon, session: tuple[str, str]) -> None:
+    sid, _ = session
+    with daemon.admin() as admin:
+        begun = admin.begin(pb.Intent(tool="ends"), sid)
+        pid, go = launch(["true"])
+        pidfd = os.pidfd_open(pid)
+        placement = Placement(begun.join_socket)
+        try:
+            assert placement.place(begun.join_token, pidfd) == begun.call_id
+            release(go)
+            _, status = os.waitpid(pid, 0)
+            for bogus in (-1, 1 << 40, 0x137F, 0x10000):  # negative, huge, a stopped child, over 16 bits
+                with pytest.raises(JoinError) as refused:
+                    placement.end(begun.call_id, bogus)
+                assert refused.value.code == "INVALID_ARGUMENT" and "wait status" in str(refused.value)
+            result = placement.end(begun.call_id, status)
+        finally:
+            placement.close()
+            os.close(pidfd)
+        assert (result.outcome, result.exit_code) == (pb.OUTCOME_OK, 0)
 
 
 def test_held_process_refusals(daemon: Daemon, session: tuple[str, str]) -> None:

@@ -62,6 +62,16 @@ def error_code(exc: AgentdError) -> str:
     return "INVALID_ARGUMENT"
 
 
+def parse_wait_status(text: str) -> int | None:
+    """END's wait status as waitpid() gave it: an exit or a killing signal; "-" or nothing for unknown."""
+    if text in ("", "-"):
+        return None
+    status = int(text)
+    if not (0 <= status <= 0xFFFF and (os.WIFEXITED(status) or os.WIFSIGNALED(status))):
+        raise ValueError(f"not the wait status of an exited or killed process: {text}")
+    return status
+
+
 def pidfd_pid(fd: int) -> int:
     """The pid (in our namespace) a pidfd refers to; -1 once the process is gone."""
     info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -141,7 +151,7 @@ class _Connection:
                 call_id, _, status = rest.partition(" ")
                 if call_id not in self.placed:
                     raise PermissionDenied("END is accepted only on the connection that placed the call")
-                wait_status = None if status.strip() in ("", "-") else int(status)
+                wait_status = parse_wait_status(status.strip())
                 self.server.loop.create_task(self.end(call_id, wait_status))
             else:
                 raise AgentdError("expected 'HOLD <ref>', 'JOIN <token>' or 'END <call id> <wait status>'")
