@@ -6,8 +6,11 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import REPO, child_env
 
 from agentd.core.config import KEYS, ConfigError, default_toml, load_config
@@ -67,3 +70,30 @@ def test_daemon_refuses_bad_config_at_start(tmp_path: Path) -> None:
     printed = subprocess.run([sys.executable, "-m", "agentd.daemon", "--print-config"], capture_output=True,
                              text=True, env=child_env(), timeout=60)
     assert tomllib.loads(printed.stdout)["limits"]["default_pids_max"] == 4096
+
+
+toml_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.integers(0, 100_000), st.floats(),
+              st.floats(0, 1e6), st.text(max_size=12),
+              st.sampled_from(["0", "1G", "64K", "0755", "999", "root", "nobody", "auto", "debug", "/tmp/x", "-1"])),
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=6), children,
+                                                                              max_size=2)),
+    max_leaves=4,
+)
+section_names = st.sampled_from([*sorted({k.section for k in KEYS}), "nosuch"])
+key_names = st.one_of(st.sampled_from([k.name for k in KEYS]), st.text(max_size=8))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(overrides=st.dictionaries(section_names, st.dictionaries(key_names, toml_values, max_size=3), max_size=3))
+def test_fuzzed_config_loads_or_names_the_key(overrides: dict[str, dict[str, Any]]) -> None:
+    """Any values for any keys: a valid configuration, or ConfigError naming the key (or section) at fault: one
+    it was given, or a known key whose value conflicts with one it was given."""
+    overrides = {section: {k: v for k, v in table.items() if v is not None} for section, table in overrides.items()}
+    try:
+        load_config(None, overrides)
+    except ConfigError as exc:
+        given_keys = [f"[{section}] {name}:" for section, table in overrides.items() for name in table]
+        known_keys = [f"[{key.section}] {key.name}:" for key in KEYS]
+        sections = [f"[{section}]:" for section in overrides]
+        assert any(str(exc).startswith(prefix) for prefix in given_keys + known_keys + sections), str(exc)
