@@ -11,9 +11,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from damage import damaged, json_values, places
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import Daemon, create_session, spawn_in, wait_for
 
+from agentd.api import convert
 from agentd.api.gen import agentd_pb2 as pb
+from agentd.core.intents import Intent, Limits
+from agentd.core.sessions import Session, SessionSpec
+from agentd.core.toolcalls import ToolCall
 from agentd.kernel import cgroupfs
 
 
@@ -127,6 +135,22 @@ def test_stops_on_sigterm_even_when_started_with_it_blocked(daemon_factory: Call
     assert d.stop() == 0
 
 
+def test_a_damaged_record_line_is_skipped_at_start(daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory().start()
+    with d.admin() as admin:
+        sid, _ = create_session(admin, "kept")
+        call_id = admin.run(["true"], sid).result.call_id
+    d.stop()
+    good = d.record(call_id)
+    with d.records.open("a") as f:  # the same record, its call id now a number: JSON, but not a record
+        f.write(json.dumps({**good, "call_id": 5}) + "\n")
+    d.start()
+    with d.admin() as admin:
+        listed = admin.call("ListToolCalls", pb.ListToolCallsRequest(session_id=sid)).finished
+    assert [r.call_id for r in listed] == [call_id]
+    assert "skipping unreadable record" in d.log.read_text()
+
+
 def test_second_daemon_on_the_same_socket_refuses(daemon_factory: Callable[..., Daemon]) -> None:
     d = daemon_factory().start()
     again = subprocess.run([sys.executable, "-m", "agentd.daemon", "--config", str(d.config)],
@@ -179,3 +203,45 @@ def test_full_disk_keeps_the_call_until_its_record_is_written(
     finally:
         d.stop()
         subprocess.run(["umount", str(state)], check=True)
+
+
+CALL_LABEL = json.loads(ToolCall(
+    id="abc", session_id="s1", intent=Intent(tool="t", argv=("a",), labels={"k": "v"}),
+    limits=Limits(1, 2, 100, 0, 10, 60.0, 1), path=Path("/cg/sessions/s1/tc-abc"), cgroup_id=1, created=1.0,
+    report_exit=True, confined=False,
+).label())
+SESSION_LABEL = json.loads(Session(SessionSpec(id="s1", priority=1, labels={"a": "b"}), Path("/cg/sessions/s1"),
+                                   "f" * 64, 2.0).label())
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_a_damaged_label_is_refused_where_read_or_served(data: st.DataObject) -> None:
+    """A label edited by hand or written by another version: refused when reconcile reads it (it logs and leaves
+    the cgroup to the usual empty/populated rule), or adopted as something agentd can serve; never a failure
+    later. A label that names another cgroup is refused too."""
+    kind = data.draw(st.sampled_from(["call", "session"]))
+    document = CALL_LABEL if kind == "call" else SESSION_LABEL
+    place = data.draw(st.sampled_from(places(document)))
+    raw = json.dumps(damaged(document, place, data.draw(json_values))).encode()
+    try:
+        if kind == "call":
+            call = ToolCall.from_label(raw, None, Path("/cg/sessions/s1/tc-abc"), 1)
+        else:
+            session = Session.from_label(raw, Path("/cg/sessions/s1"))
+    except (ValueError, KeyError, TypeError):  # what reconcile catches
+        return
+    if kind == "call":
+        convert.call_to_pb(call, 0, [])
+    else:
+        convert.session_to_pb(session, 0, 0, 100)
+
+
+def test_a_label_for_another_cgroup_is_refused() -> None:
+    raw = json.dumps(CALL_LABEL).encode()
+    with pytest.raises(ValueError, match="not this cgroup"):
+        ToolCall.from_label(raw, None, Path("/cg/sessions/s1/tc-other"), 1)
+    with pytest.raises(ValueError, match="not this cgroup"):
+        ToolCall.from_label(raw, None, Path("/cg/sessions/s2/tc-abc"), 1)
+    with pytest.raises(ValueError, match="not this cgroup"):
+        Session.from_label(json.dumps(SESSION_LABEL).encode(), Path("/cg/sessions/s2"))

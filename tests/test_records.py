@@ -7,9 +7,14 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from damage import damaged, json_values, places
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from agentd.api import convert
 from agentd.core.intents import Limits
 from agentd.core.records import RecordStore
 from agentd.core.results import ExitStatus, Outcome, Result
@@ -86,3 +91,22 @@ def test_full_disk_keeps_lines_pending(tmp_path: Path) -> None:
         assert sorted(ids) == sorted(f"c{i}" for i in range(20))
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+RECORD = result("good").to_json()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(place=st.sampled_from(places(RECORD)), value=json_values)
+def test_a_damaged_record_is_skipped_or_served(tmp_path: Path, place: tuple[str, ...], value: Any) -> None:
+    """A record line edited by hand or written by another version: skipped at load, or a result that agentd can
+    still serve (ListToolCalls converts it); never an exception later."""
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(damaged(RECORD, place, value)) + "\n")
+    store = RecordStore(path, 1 << 20, 10)
+    try:
+        for loaded in store.recent(None, 10):
+            convert.result_to_pb(loaded)
+    finally:
+        store.close()
+        path.unlink()

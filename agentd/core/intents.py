@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import ClassVar
 
 from agentd.core.config import Config
+from agentd.core.decode import decode, int_ranges
 from agentd.core.errors import InvalidArgument
 from agentd.core.units import format_size
 
@@ -55,6 +57,7 @@ class Intent:
     timeout_seconds: float = 0.0
     network: int = Network.UNSPECIFIED
     labels: dict[str, str] = field(default_factory=dict)
+    JSON_RANGES: ClassVar = int_ranges(memory_class=MemoryClass, cpu_class=CpuClass, network=Network)
 
     def to_json(self) -> dict[str, object]:
         data = dict(vars(self))
@@ -63,10 +66,8 @@ class Intent:
         return data
 
     @staticmethod
-    def from_json(data: dict[str, object]) -> Intent:
-        values = dict(data)
-        values["argv"] = tuple(values.get("argv", ()))  # type: ignore[arg-type]
-        return Intent(**values)  # type: ignore[arg-type]
+    def from_json(data: object) -> Intent:
+        return decode(Intent, data)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Limits:
     pids_max: int
     timeout_seconds: float
     network: int
+    JSON_RANGES: ClassVar = int_ranges(cpu_weight=(0, 10000), network=Network)
 
     def knobs(self) -> dict[str, str]:
         """cgroup files and the values to write, in a safe order (oom.group before the limits)."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
+from agentd.core.decode import decode, int_ranges
 from agentd.core.intents import Limits
 from agentd.core.units import format_size
 from agentd.kernel.cgroupfs import CgroupStats
@@ -43,6 +44,7 @@ KILL_OUTCOME = {
 class ExitStatus:
     code: int = 0
     signal: int = 0
+    JSON_RANGES: ClassVar = int_ranges(code=(0, 255), signal=(0, 64))
 
     @staticmethod
     def from_wait_status(status: int) -> ExitStatus:
@@ -102,17 +104,8 @@ class Result:
         return data
 
     @staticmethod
-    def from_json(data: dict[str, Any]) -> Result:
-        values = dict(data)
-        values["outcome"] = Outcome[values["outcome"]]
-        values["argv"] = tuple(values["argv"])
-        values["not_enforced"] = tuple(values["not_enforced"])
-        values["limits"] = Limits(**values["limits"])
-        status = values["exit_status"]
-        values["exit_status"] = ExitStatus(**status) if status is not None else None
-        capture = values.get("capture")
-        values["capture"] = Capture(**capture) if capture is not None else None
-        return Result(**values)
+    def from_json(data: object) -> Result:
+        return decode(Result, data)
 
 
 def classify(ran: bool, stats: CgroupStats, kill: KillReason, exit_status: ExitStatus | None) -> Outcome:

@@ -9,9 +9,10 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from agentd.core.config import Config
+from agentd.core.decode import decode, int_ranges
 from agentd.core.errors import InvalidArgument
 from agentd.core.intents import check_enum, check_labels, check_size
 
@@ -44,6 +45,17 @@ class SessionSpec:
     pids_budget: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     capture: int = CaptureMode.UNSPECIFIED
+    JSON_RANGES: ClassVar = int_ranges(priority=Priority, capture=CaptureMode)
+
+
+@dataclass(frozen=True)
+class SessionLabel:
+    """The session cgroup's `session` label: what a restarted daemon adopts it from."""
+
+    v: int
+    spec: SessionSpec
+    token_sha256: str
+    created: float
 
 
 def validate_spec(spec: SessionSpec, config: Config) -> None:
@@ -108,12 +120,16 @@ class Session:
         }
 
     def label(self) -> bytes:
-        data = {"v": 1, "spec": asdict(self.spec), "token_sha256": self.token_sha256, "created": self.created}
-        return json.dumps(data, separators=(",", ":")).encode()
+        label = SessionLabel(1, self.spec, self.token_sha256, self.created)
+        return json.dumps(asdict(label), separators=(",", ":")).encode()
 
     @staticmethod
     def from_label(raw: bytes, path: Path) -> Session:
         data = json.loads(raw)
-        if data.get("v") != 1:
-            raise ValueError(f"unknown session label version {data.get('v')!r}")
-        return Session(SessionSpec(**data["spec"]), path, data["token_sha256"], float(data["created"]))
+        version = data.get("v") if isinstance(data, dict) else None
+        if version != 1:
+            raise ValueError(f"unknown session label version {version!r}")
+        label = decode(SessionLabel, data)
+        if label.spec.id != path.name:
+            raise ValueError(f"the label names session {label.spec.id!r}, not this cgroup")
+        return Session(label.spec, path, label.token_sha256, label.created)

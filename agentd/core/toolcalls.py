@@ -13,6 +13,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from agentd.core.decode import decode
 from agentd.core.intents import Intent, Limits
 from agentd.core.results import Capture, ExitStatus, KillReason, Result
 
@@ -29,6 +30,22 @@ class CallState(IntEnum):
 
 def new_call_id() -> str:
     return secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class CallLabel:
+    """The call cgroup's `call` label (ToolCall.label() writes it): what a restarted daemon adopts it from."""
+
+    v: int
+    id: str
+    session: str
+    intent: Intent
+    limits: Limits
+    created: float
+    report_exit: bool
+    confined: bool
+    implicit: bool
+    not_enforced: tuple[str, ...]
 
 
 @dataclass(eq=False)
@@ -80,20 +97,24 @@ class ToolCall:
     @staticmethod
     def from_label(raw: bytes, started: bytes | None, path: Path, cgroup_id: int) -> ToolCall:
         data = json.loads(raw)
-        if data.get("v") != 1:
-            raise ValueError(f"unknown call label version {data.get('v')!r}")
+        version = data.get("v") if isinstance(data, dict) else None
+        if version != 1:
+            raise ValueError(f"unknown call label version {version!r}")
+        label = decode(CallLabel, data)
+        if path.name != CALL_PREFIX + label.id or path.parent.name != label.session:
+            raise ValueError(f"the label names call {label.id!r} of session {label.session!r}, not this cgroup")
         call = ToolCall(
-            id=data["id"],
-            session_id=data["session"],
-            intent=Intent.from_json(data["intent"]),
-            limits=Limits(**data["limits"]),
+            id=label.id,
+            session_id=label.session,
+            intent=label.intent,
+            limits=label.limits,
             path=path,
             cgroup_id=cgroup_id,
-            created=float(data["created"]),
-            report_exit=bool(data["report_exit"]),
-            confined=bool(data["confined"]),
-            implicit=bool(data["implicit"]),
-            not_enforced=tuple(data["not_enforced"]),
+            created=label.created,
+            report_exit=label.report_exit,
+            confined=label.confined,
+            implicit=label.implicit,
+            not_enforced=label.not_enforced,
         )
         if started:  # "<unix time> <first pid>"
             when, _, pid = started.decode().partition(" ")
