@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import socket
 import subprocess
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -25,10 +27,14 @@ async def _never_ends(call_id: str, wait_status: int | None) -> pb.ToolCallResul
     raise AssertionError("no END in these tests")
 
 
-def _serve(path: Path, body: Callable[[asyncio.AbstractEventLoop], Awaitable[None]]) -> None:
+def _serve(
+    path: Path, body: Callable[[asyncio.AbstractEventLoop], Awaitable[None]], max_connections: int = 64
+) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = join.JoinServer(loop, path, lambda token, sender, target: f"tc-{token}", _never_ends, lambda: None)
+        server = join.JoinServer(
+            loop, path, lambda token, sender, target: f"tc-{token}", _never_ends, lambda: None, max_connections
+        )
         try:
             await body(loop)
         finally:
@@ -83,6 +89,60 @@ def test_idle_connections_are_closed_busy_ones_kept(tmp_path: Path, monkeypatch:
     _serve(path, body)
 
 
+def test_connections_beyond_the_cap_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "join.sock"
+
+    async def joined(loop: asyncio.AbstractEventLoop, sock: socket.socket, token: str) -> bytes:
+        await loop.sock_sendall(sock, f"JOIN {token}\n".encode())
+        return await asyncio.wait_for(loop.sock_recv(sock, 100), 5)
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        first, second, third = _connect(path), _connect(path), _connect(path)
+        try:
+            for n, sock in enumerate((first, second, third)):
+                assert await joined(loop, sock, str(n)) == f"OK tc-{n}\n".encode()
+            with _connect(path) as fourth:
+                assert await asyncio.wait_for(loop.sock_recv(fourth, 100), 5) == (
+                    b"ERR RESOURCE_EXHAUSTED too many join connections\n"
+                )
+                assert await asyncio.wait_for(loop.sock_recv(fourth, 100), 5) == b""
+            first.close()
+            await asyncio.sleep(0.05)
+            with _connect(path) as again:
+                assert await joined(loop, again, "again") == b"OK tc-again\n"
+        finally:
+            for sock in (first, second, third):
+                sock.close()
+
+    _serve(path, body, max_connections=3)
+
+
+def test_out_of_descriptors_pauses_accepting_instead_of_spinning(tmp_path: Path) -> None:
+    path = tmp_path / "join.sock"
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fillers: list[int] = []
+        waiting = _connect(path)  # accepted only once agentd has a descriptor to spare
+        try:
+            while not fillers or fillers[-1] < max(int(fd) for fd in os.listdir("/proc/self/fd")) - 1:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))  # no free slot left below the new limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fillers[-1] + 2, hard))
+            fillers.append(os.open("/dev/null", os.O_RDONLY))
+            await loop.sock_sendall(waiting, b"JOIN w\n")
+            cpu = time.process_time()
+            await asyncio.sleep(0.5)
+            assert time.process_time() - cpu < 0.2  # a listener readable for ever would keep the loop busy
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for fd in fillers:
+                os.close(fd)
+        with waiting:
+            assert await asyncio.wait_for(loop.sock_recv(waiting, 100), 5) == b"OK tc-w\n"
+
+    _serve(path, body)
+
+
 VALID_ANSWER = re.compile(rb"(OK \S.*|ERR [A-Z_]+ .*|RESULT [A-Za-z0-9+/=]*)")
 words = st.one_of(
     st.sampled_from(["a", "b", "x", "tc-a", "tc-b", "-", ""]),  # JOIN a places tc-a; x is refused
@@ -131,7 +191,7 @@ def test_fuzzed_lines_get_a_wellformed_answer_or_a_close(
     async def main() -> bytes:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _loop, context: troubles.append(str(context.get("message"))))
-        server = join.JoinServer(loop, path, placer, ender, lambda: None)
+        server = join.JoinServer(loop, path, placer, ender, lambda: None, 64)
         try:
             with _connect(path) as client:
                 for sent, attached in messages:

@@ -6,11 +6,13 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from damage import damaged, json_values, places
 from hypothesis import given, settings
@@ -19,6 +21,7 @@ from support import Daemon, create_session, spawn_in, wait_for
 
 from agentd.api import convert
 from agentd.api.gen import agentd_pb2 as pb
+from agentd.api.gen import agentd_pb2_grpc as pb_grpc
 from agentd.core.intents import Intent, Limits
 from agentd.core.sessions import Session, SessionSpec
 from agentd.core.toolcalls import ToolCall
@@ -149,6 +152,34 @@ def test_a_damaged_record_line_is_skipped_at_start(daemon_factory: Callable[...,
         listed = admin.call("ListToolCalls", pb.ListToolCallsRequest(session_id=sid)).finished
     assert [r.call_id for r in listed] == [call_id]
     assert "skipping unreadable record" in d.log.read_text()
+
+
+def test_connections_beyond_max_connections_are_refused(daemon_factory: Callable[..., Daemon]) -> None:
+    """Each socket takes at most [api] max_connections at once (a sandbox cannot use up agentd's descriptors)."""
+    d = daemon_factory(api={"max_connections": 16}).start()
+    channels = [grpc.insecure_channel(f"unix:{d.admin_socket}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(17)]
+    joins = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(17)]
+    try:
+        codes = []
+        for channel in channels:
+            try:
+                pb_grpc.AdminStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)  # type: ignore[no-untyped-call]
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+        assert codes == ["OK"] * 16 + ["UNAVAILABLE"]
+        for sock in joins:
+            sock.settimeout(5)
+            sock.connect(str(d.join_socket))
+        assert joins[-1].recv(100) == b"ERR RESOURCE_EXHAUSTED too many join connections\n"
+        joins[0].sendall(b"JOIN nothing\n")
+        assert joins[0].recv(100).startswith(b"ERR PERMISSION_DENIED")  # the first 16 are served
+    finally:
+        for channel in channels:
+            channel.close()
+        for sock in joins:
+            sock.close()
 
 
 def test_second_daemon_on_the_same_socket_refuses(daemon_factory: Callable[..., Daemon]) -> None:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 MAX_LINE = 512
 MAX_REF = 64
 IDLE_TIMEOUT_SECONDS = 30.0
+ACCEPT_PAUSE_SECONDS = 0.1  # out of descriptors: stop accepting for a moment instead of spinning on the listener
 HOLD_WAIT_SECONDS = 5.0  # how long a BeginToolCall waits for the HOLD it names (sent just before it)
 MAX_HELD_PER_CONNECTION = 16  # a HOLD keeps a pidfd open in agentd until claimed or expired
 _UCRED = struct.Struct("3i")
@@ -225,9 +226,11 @@ class JoinServer:
     """Accepts join connections on the asyncio loop (raw sockets: ancillary data carries pidfds)."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, path: Path, placer: Placer, ender: Ender, answered: Callable[[], None]
+        self, loop: asyncio.AbstractEventLoop, path: Path, placer: Placer, ender: Ender, answered: Callable[[], None],
+        max_connections: int,
     ) -> None:
         self.loop = loop
+        self.max_connections = max_connections  # open at once, from all sandboxes
         self.placer = placer
         self.ender = ender
         self.answered = answered  # called after each END's result went out
@@ -237,7 +240,9 @@ class JoinServer:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.listener.bind(str(path))
         self.listener.listen(256)
-        loop.add_reader(self.listener.fileno(), self._accept)
+        self._resume: asyncio.TimerHandle | None = None
+        self._refusals_logged = -1.0
+        self._listen()
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -247,11 +252,28 @@ class JoinServer:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("join socket: out of file descriptors")
+                    log.error("join socket: out of file descriptors; not accepting for a moment")
+                    self.loop.remove_reader(self.listener.fileno())
+                    self._resume = self.loop.call_later(ACCEPT_PAUSE_SECONDS, self._listen)
                     return
                 raise
+            if len(self.connections) >= self.max_connections:
+                self._refuse(sock)
+                continue
             sock.setblocking(False)
             self.connections.add(_Connection(self, sock))
+
+    def _listen(self) -> None:
+        self.loop.add_reader(self.listener.fileno(), self._accept)
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Too many connections: this one is told so and closed (logged once a second at most)."""
+        with contextlib.suppress(OSError), sock:
+            sock.setblocking(False)
+            sock.send(b"ERR RESOURCE_EXHAUSTED too many join connections\n")
+        if self.loop.time() >= self._refusals_logged + 1.0:
+            self._refusals_logged = self.loop.time()
+            log.warning("join socket: connection refused, %d open already", len(self.connections))
 
     def hold(self, ref: str, connection: _Connection, pidfd: int) -> None:
         self.held[ref] = Held(connection, pidfd, self.loop.call_later(HOLD_WAIT_SECONDS, self.drop, ref))
@@ -291,6 +313,8 @@ class JoinServer:
             os.close(held.pidfd)
 
     def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
         for connection in list(self.connections):

@@ -59,8 +59,10 @@ def _secure(path: Path, mode: int, gid: int | None) -> None:
     os.chmod(path, mode)
 
 
-async def _grpc_server(service: Service, socket_path: Path, mode: int, gid: int | None) -> grpc.aio.Server:
-    server = grpc.aio.server()
+async def _grpc_server(
+    service: Service, socket_path: Path, mode: int, gid: int | None, max_connections: int
+) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[("grpc.max_allowed_incoming_connections", max_connections)])
     if service.sandbox:
         pb_grpc.add_SandboxServicer_to_server(service, server)  # type: ignore[no-untyped-call]
         name = "agentd.v1.Sandbox"
@@ -110,16 +112,16 @@ async def serve(config: Config) -> None:
         report = reconcile(engine)
         join_server = join.JoinServer(
             loop, config.join_socket, lambda token, sender, target: engine.join(token, sender, target).id,
-            end_from_join, engine.housekeeping,
+            end_from_join, engine.housekeeping, config.max_connections,
         )
         _secure(config.join_socket, 0o666, None)
         servers.append(
             await _grpc_server(Service(engine, metrics, join_server, sandbox=False), config.admin_socket,
-                               config.admin_socket_mode, config.admin_gid)
+                               config.admin_socket_mode, config.admin_gid, config.max_connections)
         )
         servers.append(
             await _grpc_server(Service(engine, metrics, join_server, sandbox=True), config.sandbox_socket,
-                               config.sandbox_socket_mode, None)
+                               config.sandbox_socket_mode, None, config.max_connections)
         )
         if config.metrics_address:
             metrics.serve(config.metrics_address)

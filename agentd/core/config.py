@@ -60,6 +60,9 @@ KEYS: tuple[Key, ...] = (
         "a call whose process has not joined by then is cancelled and its cgroup removed", 0.1, 3600),
     Key("api", "exit_report_grace_seconds", "float", 2.0,
         "with report_exit, how long an emptied call waits for EndToolCall's exit status", 0.0, 60),
+    Key("api", "max_connections", "int", 4096,
+        "connections open at once on each socket (admin, sandbox, join); beyond, new ones are refused: each "
+        "costs agentd a file descriptor (the unit's LimitNOFILE is 65536)", 16, 16384),
     Key("metrics", "address", "str", "127.0.0.1:9464", "host:port for Prometheus /metrics; empty = disabled"),
     Key("limits", "memory_class_low", "size", "256M", "memory.high for intents of memory class LOW"),
     Key("limits", "memory_class_medium", "size", "1G", "memory.high for intents of memory class MEDIUM"),
@@ -122,6 +125,7 @@ class Config:
     join_socket: Path
     join_timeout_seconds: float
     exit_report_grace_seconds: float
+    max_connections: int
     metrics_address: str
     memory_class_low: int
     memory_class_medium: int
@@ -276,6 +280,7 @@ def _build(v: dict[str, Any]) -> Config:
         join_socket=Path(v["api.join_socket"]),
         join_timeout_seconds=v["api.join_timeout_seconds"],
         exit_report_grace_seconds=v["api.exit_report_grace_seconds"],
+        max_connections=v["api.max_connections"],
         metrics_address=address,
         memory_class_low=v["limits.memory_class_low"],
         memory_class_medium=v["limits.memory_class_medium"],
