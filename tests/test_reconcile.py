@@ -154,6 +154,22 @@ def test_a_damaged_record_line_is_skipped_at_start(daemon_factory: Callable[...,
     assert "skipping unreadable record" in d.log.read_text()
 
 
+def test_a_session_with_an_unreadable_label_is_left_alone(daemon_factory: Callable[..., Daemon]) -> None:
+    """Its calls may hold results not recorded yet: nothing under it is removed, and the start says so."""
+    d = daemon_factory().start()
+    d.stop()
+    damaged = d.session_path("damaged")
+    call = damaged / "tc-0123456789abcdef"
+    call.mkdir(parents=True)
+    os.setxattr(damaged, "user.agentd.session", b'{"v": 1, "spec": {"id": 5}}')
+    os.setxattr(call, "user.agentd.call", b'{"v": 1}')
+    d.start()
+    assert call.is_dir()
+    assert "unreadable session label, leaving it alone" in d.log.read_text()
+    with d.admin() as admin:
+        assert not admin.call("ListSessions", pb.ListSessionsRequest()).sessions
+
+
 def test_connections_beyond_max_connections_are_refused(daemon_factory: Callable[..., Daemon]) -> None:
     """Each socket takes at most [api] max_connections at once (a sandbox cannot use up agentd's descriptors)."""
     d = daemon_factory(api={"max_connections": 16}).start()

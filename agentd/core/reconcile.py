@@ -29,14 +29,15 @@ def reconcile(engine: Engine) -> Report:
     report = Report()
     for path in sorted(cgroupfs.children(engine.tree.sessions)):
         raw = cgroupfs.get_label(path, "session")
-        session = None
-        if raw is not None:
-            try:
-                session = Session.from_label(raw, path)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("unreadable session label, leaving it alone", extra={"cgroup": str(path), "error": str(exc)})
-        if session is None:
+        if raw is None:
             _remove_if_empty(path, report)
+            continue
+        try:
+            session = Session.from_label(raw, path)
+        except (ValueError, KeyError, TypeError) as exc:
+            # Its calls may hold results not recorded yet: nothing under it is removed.
+            log.error("unreadable session label, leaving it alone", extra={"cgroup": str(path), "error": str(exc)})
+            report.left_alone.append(str(path))
             continue
         engine.adopt_session(session)
         report.sessions.append(session.id)
