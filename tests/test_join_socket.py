@@ -117,6 +117,24 @@ def test_connections_beyond_the_cap_are_refused(tmp_path: Path) -> None:
     _serve(path, body, max_connections=3)
 
 
+def test_holds_beyond_the_total_cap_close_their_connection(
+    tmp_path: Path, descriptors: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(join, "MAX_HELD", 3)
+    path = tmp_path / "join.sock"
+
+    async def body(loop: asyncio.AbstractEventLoop) -> None:
+        with _connect(path) as first, _connect(path) as second:
+            for n, sock in enumerate((first, first, second, second)):
+                socket.send_fds(sock, [f"HOLD r{n}\n".encode()], [descriptors["live"]])
+                await asyncio.sleep(0.05)
+            assert await asyncio.wait_for(loop.sock_recv(second, 100), 5) == b""  # the 4th HOLD in all
+            await loop.sock_sendall(first, b"JOIN still-open\n")
+            assert await asyncio.wait_for(loop.sock_recv(first, 100), 5) == b"OK tc-still-open\n"
+
+    _serve(path, body)
+
+
 def test_out_of_descriptors_pauses_accepting_instead_of_spinning(tmp_path: Path) -> None:
     path = tmp_path / "join.sock"
 

@@ -44,6 +44,7 @@ IDLE_TIMEOUT_SECONDS = 30.0
 ACCEPT_PAUSE_SECONDS = 0.1  # out of descriptors: stop accepting for a moment instead of spinning on the listener
 HOLD_WAIT_SECONDS = 5.0  # how long a BeginToolCall waits for the HOLD it names (sent just before it)
 MAX_HELD_PER_CONNECTION = 16  # a HOLD keeps a pidfd open in agentd until claimed or expired
+MAX_HELD = 1024  # in all: connections times their HOLDs must not use up agentd's descriptors
 _UCRED = struct.Struct("3i")
 _FD_SPACE = socket.CMSG_SPACE(struct.calcsize("i"))
 
@@ -133,7 +134,7 @@ class _Connection:
             ref = rest.strip()
             held = sum(1 for h in self.server.held.values() if h.connection is self)
             malformed = len(fds) != 1 or not 0 < len(ref) <= MAX_REF or ref in self.server.held
-            if malformed or held >= MAX_HELD_PER_CONNECTION:
+            if malformed or held >= MAX_HELD_PER_CONNECTION or len(self.server.held) >= MAX_HELD:
                 log.warning("join socket: malformed or excess HOLD, closing the connection",
                             extra={"pid": self.sender})
                 self.close()
