@@ -264,9 +264,9 @@ SESSION_LABEL = json.loads(Session(SessionSpec(id="s1", priority=1, labels={"a":
 @settings(max_examples=400, deadline=None)
 @given(data=st.data())
 def test_a_damaged_label_is_refused_where_read_or_served(data: st.DataObject) -> None:
-    """A label edited by hand or written by another version: refused when reconcile reads it (it logs and leaves
-    the cgroup to the usual empty/populated rule), or adopted as something agentd can serve; never a failure
-    later. A label that names another cgroup is refused too."""
+    """A label edited by hand or written by another version: refused when reconcile reads it (it logs it; what
+    happens to the cgroup then is test_a_session_with_an_unreadable_label_is_left_alone's), or adopted as
+    something agentd can serve; never a failure later."""
     kind = data.draw(st.sampled_from(["call", "session"]))
     document = CALL_LABEL if kind == "call" else SESSION_LABEL
     place = data.draw(st.sampled_from(places(document)))
