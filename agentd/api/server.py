@@ -112,7 +112,7 @@ async def serve(config: Config) -> None:
         report = reconcile(engine)
         join_server = join.JoinServer(
             loop, config.join_socket, lambda token, sender, target: engine.join(token, sender, target).id,
-            end_from_join, engine.housekeeping, config.max_connections,
+            end_from_join, engine.housekeeping_now, config.max_connections,
         )
         _secure(config.join_socket, 0o666, None)
         servers.append(

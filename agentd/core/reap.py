@@ -1,0 +1,141 @@
+"""Reaping a tool call: read its accounting (before rmdir: it vanishes with the cgroup), build the result,
+keep it with the cgroup (the `result` label) and answer whoever waits. Record line and rmdir follow in
+housekeeping.
+
+The result label is what makes a crash harmless: the answer an agent got and the record a restarted daemon
+writes are the same result, exit status and duration included. A call is answered even when the kernel
+refuses to give its accounting (the result then says the accounting is missing); it is never left unanswered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from agentd.core.housekeeping import Housekeeping
+from agentd.core.network import NetworkIntent
+from agentd.core.records import RecordStore
+from agentd.core.registry import Registry
+from agentd.core.results import Result, classify, feedback, retryable
+from agentd.core.toolcalls import CallState, ToolCall
+from agentd.core.tracking import Tracking
+from agentd.kernel import cgroupfs
+from agentd.kernel.bpf.libbpf import BpfError
+from agentd.kernel.bpf.lifecycle import ProcessCounters
+from agentd.kernel.capabilities import Capabilities
+
+log = logging.getLogger(__name__)
+
+RESULT_LABEL = "result"
+
+
+class Reaper:
+    def __init__(
+        self,
+        caps: Capabilities,
+        registry: Registry,
+        records: RecordStore,
+        tracking: Tracking,
+        network: NetworkIntent,
+        housekeeping: Housekeeping,
+    ) -> None:
+        self.caps = caps
+        self.registry = registry
+        self.records = records
+        self.tracking = tracking
+        self.network = network
+        self.housekeeping = housekeeping
+
+    def finalise(self, call: ToolCall) -> Result | None:
+        """Build the call's result and answer its waiters. Idempotent: None if it was finalised already."""
+        if call.state == CallState.FINISHED:
+            return None
+        call.cancel_timers()
+        if call.exit_status is None:
+            self.tracking.drain()  # the exit of the call's first process is in the ring buffer by now
+        stats, counters, denials = self._evidence(call)
+        result = build_result(call, stats, call.state != CallState.PENDING, denials,
+                              counters.forks if counters else -1, time.time())
+        call.state = CallState.FINISHED
+        session = self.registry.remove_call(call)
+        if session is not None:
+            session.network_denials += result.network_denials
+        self._keep(call, result)
+        self.records.append(result)
+        if call.done is not None and not call.done.done():
+            call.done.set_result(result)
+        self.housekeeping.retire_later(call, result, counters)
+        log.info("call finished", extra={
+            "call": call.id, "session": call.session_id, "outcome": result.outcome.name,
+            "exit_code": result.exit_status.code if result.exit_status else None,
+            "exit_signal": result.exit_status.signal if result.exit_status else None,
+            "kill_reason": call.kill_detail or None, "memory_peak": result.memory_peak,
+            "memory_max": call.limits.memory_max, "oom_kill": result.memory_events.get("oom_kill", 0),
+            "duration_s": round(result.duration_seconds, 6), "pids_peak": result.pids_peak,
+            "network_denials": result.network_denials,
+        })
+        return result
+
+    def _evidence(self, call: ToolCall) -> tuple[cgroupfs.CgroupStats, ProcessCounters | None, int]:
+        """What the kernel says about the call; whatever it refuses is left unknown (logged), never raised."""
+        try:
+            stats = cgroupfs.read_stats(call.path, self.caps.enforced)
+        except (OSError, ValueError) as exc:  # CgroupError is an OSError
+            log.error("accounting not read", extra={"call": call.id, "error": str(exc)})
+            stats = cgroupfs.CgroupStats()
+        try:
+            counters = self.tracking.counters(call)
+        except (BpfError, OSError) as exc:
+            log.error("process counters not read", extra={"call": call.id, "error": str(exc)})
+            counters = None
+        try:
+            denials = self.network.denials(call)
+        except (BpfError, OSError) as exc:
+            log.error("network denials not read", extra={"call": call.id, "error": str(exc)})
+            denials = 0
+        return stats, counters, denials
+
+    def _keep(self, call: ToolCall, result: Result) -> None:
+        """Label the cgroup with its result, so that a restart records what the agent was told."""
+        try:
+            cgroupfs.set_label(call.path, RESULT_LABEL, json.dumps(result.to_json(), separators=(",", ":")).encode())
+        except cgroupfs.CgroupError as exc:
+            log.error("result label not written: a crash before the record is written would record the call "
+                      "from the kernel's evidence alone", extra={"call": call.id, "error": str(exc)})
+
+
+def build_result(
+    call: ToolCall, stats: cgroupfs.CgroupStats, ran: bool, denials: int, forks: int, ended: float
+) -> Result:
+    """The result from the call's state and the kernel's evidence: the client's report of the exit status
+    first, then the kernel's word on the first process."""
+    exit_status = call.exit_status if call.exit_status is not None else call.kernel_exit
+    outcome = classify(ran, stats, call.kill_reason, exit_status)
+    return Result(
+        call_id=call.id,
+        session_id=call.session_id,
+        tool=call.intent.tool,
+        argv=call.intent.argv,
+        outcome=outcome,
+        exit_status=exit_status,
+        memory_peak=stats.memory_peak,
+        memory_events=dict(stats.memory_events),
+        cpu_user_seconds=stats.cpu_user_usec / 1e6,
+        cpu_system_seconds=stats.cpu_system_usec / 1e6,
+        cpu_throttled_usec=stats.cpu_throttled_usec,
+        pids_peak=stats.pids_peak,
+        duration_seconds=(ended - call.started) if call.started else 0.0,
+        started_unix=call.started,
+        ended_unix=ended,
+        limits=call.limits,
+        not_enforced=call.not_enforced,
+        feedback=feedback(outcome, stats, call.limits, exit_status, call.not_enforced, call.kill_detail, denials),
+        retryable=retryable(outcome),
+        implicit=call.implicit,
+        labels=dict(call.intent.labels),
+        kill_reason=call.kill_detail,
+        network_denials=denials,
+        forks=forks,
+        capture=call.capture,
+    )
