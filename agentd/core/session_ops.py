@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import secrets
@@ -68,8 +69,10 @@ class SessionOps:
         session = Session(spec, path, sess.token_hash(token), time.time())
         try:
             cgroupfs.make(path)
-        except FileExistsError as exc:
-            raise AlreadyExists(f"cgroup {path} already exists") from exc
+        except cgroupfs.CgroupError as exc:
+            if exc.errno == errno.EEXIST:
+                raise AlreadyExists(f"cgroup {path} already exists") from exc
+            raise
         try:
             cgroupfs.set_label(path, "session", session.label())
             self._configure(session)

@@ -113,10 +113,29 @@ def make(path: Path) -> int:
     return os.stat(path).st_ino
 
 
-def ensure(path: Path) -> None:
-    """Create a cgroup if it does not exist yet."""
+def ensure(path: Path, parents: bool = False) -> None:
+    """Create a cgroup if it does not exist yet (and, with `parents`, its missing ancestors)."""
+    if parents:
+        path.mkdir(parents=True, exist_ok=True)
+        return
     with contextlib.suppress(FileExistsError):
         os.mkdir(path)
+
+
+def pressure_trigger(path: Path, resource: str, trigger: str) -> int:
+    """Register a PSI trigger ("some|full <stall us> <window us>") on <path>/<resource>.pressure; return the fd
+    to poll for EPOLLPRI. Closing it removes the trigger. CgroupError where PSI is off (EINVAL, EOPNOTSUPP)."""
+    file = f"{path}/{resource}.pressure"
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CgroupError(exc.errno, f"open {file}: {os.strerror(exc.errno or 0)}") from exc
+    try:
+        os.write(fd, trigger.encode())
+    except OSError as exc:
+        os.close(fd)
+        raise CgroupError(exc.errno, f"trigger {trigger!r} on {file}: {os.strerror(exc.errno or 0)}") from exc
+    return fd
 
 
 def cgroup_id(path: Path) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from agentd.kernel import cgroupfs
 
 RESOURCES = ("memory", "cpu", "io")
 
@@ -33,17 +34,14 @@ def read_pressure(cgroup: Path, resource: str) -> Pressure | None:
     return Pressure(resource, values["some"], values["full"])
 
 
+PROBE_TRIGGER = "some 150000 1000000"
+
+
 def triggers_supported(cgroup: Path) -> bool:
     """True if a PSI trigger can be registered on this cgroup (fails with EINVAL/EOPNOTSUPP when PSI is off)."""
     try:
-        fd = os.open(cgroup / "memory.pressure", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        fd = cgroupfs.pressure_trigger(cgroup, "memory", PROBE_TRIGGER)
+    except cgroupfs.CgroupError:
         return False
-    try:
-        os.write(fd, b"some 150000 1000000")
-    except OSError:
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    os.close(fd)
     return True
