@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,13 +24,12 @@ import grpc
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.gen import agentd_pb2_grpc as pb_grpc
-from agentd.api.join import JoinError, Placement
-from agentd.launch import launch, release
+from agentd.joinclient import JoinError, Placement
+from agentd.launch import launch, relay, release
+from agentd.wire import PLACEMENT_METADATA, TOKEN_METADATA
 
 ADMIN_SOCKET = "/run/agentd/admin.sock"
 SANDBOX_SOCKET = "/run/agentd/sandbox.sock"
-TOKEN_METADATA = "x-agentd-session-token"
-PLACEMENT_METADATA = "x-agentd-placement"  # see agentd.api.servicer
 # Exit code of `agentctl run` when the command never ran (as a shell reports it).
 EXIT_NOT_STARTED = 126
 DEFAULT_TIMEOUT = -1.0  # sentinel: the client's default deadline
@@ -187,32 +187,43 @@ class Client:
         self,
         argv: Sequence[str],
         session_id: str = "",
-        on_spawn: Callable[[int], None] | None = None,
+        forward_signals: bool = False,
         **intent_fields: Any,
     ) -> RunOutcome:
-        """Run argv as a tool call, passing stdio through; return the result and the shell exit code.
-        `on_spawn` receives the child's pid (e.g. to forward signals to it)."""
+        """Run argv as a tool call, passing stdio through; return the result and the shell exit code. The
+        command starts as from a shell (default signal dispositions, empty mask). With `forward_signals`,
+        SIGHUP/SIGINT/SIGQUIT/SIGTERM sent to this process go on to the command until it exits (a terminal's
+        Ctrl-C reaches it once); the caller must have blocked them in every thread first
+        (agentd.launch.block_forwarded(), before the first Client is made), as agentctl does."""
         intent = pb.Intent(argv=list(argv), **intent_fields)
         if not intent.tool:
             intent.tool = os.path.basename(argv[0])
         pid, go = launch(argv)
         try:
+            if forward_signals:
+                relay(pid)
             begun = self.begin(intent, session_id, pid=pid)
         except BaseException as exc:
             os.close(go)  # the waiting child reads EOF and exits 126 without running argv
-            os.waitpid(pid, 0)
+            _, held = os.waitpid(pid, 0)
             if _placement_refused(exc):
-                raise RunError(
-                    f"agentd: could not place the tool call's process: {exc.code().name}: {exc.details()}"
-                ) from None
-            raise
+                message = f"agentd: could not place the tool call's process: {exc.code().name}: {exc.details()}"
+            elif isinstance(exc, RunError):
+                message = str(exc)
+            else:
+                raise
+            if os.WIFSIGNALED(held):  # e.g. a forwarded SIGTERM while agentd had not answered yet
+                message += f" (stopped by {signal.Signals(os.WTERMSIG(held)).name} before it ran)"
+            raise RunError(message, shell_code(held)) from None
         release(go)
-        if on_spawn is not None:
-            on_spawn(pid)
         _, status = os.waitpid(pid, 0)
         result = self.end(begun.call_id, status)
-        code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        return RunOutcome(result, code)
+        return RunOutcome(result, shell_code(status))
+
+
+def shell_code(wait_status: int) -> int:
+    """The exit code a shell reports for a wait status: 128 + signal when killed."""
+    return 128 + os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else os.WEXITSTATUS(wait_status)
 
 
 def _placement_refused(exc: BaseException) -> TypeGuard[grpc.RpcError]:
@@ -223,4 +234,9 @@ def _placement_refused(exc: BaseException) -> TypeGuard[grpc.RpcError]:
 
 
 class RunError(RuntimeError):
-    """The command could not be started inside its tool call (it never ran)."""
+    """The command could not be started inside its tool call (it never ran). `exit_code` is what a shell would
+    report: EXIT_NOT_STARTED, or 128 + signal when a signal stopped the held command first."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_NOT_STARTED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

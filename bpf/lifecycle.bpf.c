@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Process lifecycle of the cgroups agentd manages: fork, exec and exit events through a ring buffer,
- * per-cgroup counters, and a count of events lost to a full ring buffer.
+ * Process lifecycle of the cgroups agentd manages: exec and exit events through a ring buffer, per-cgroup
+ * fork/exec/exit counters, and a count of events lost to a full ring buffer. Forks are only counted: nobody
+ * reads a fork event, and a fork bomb's events would crowd out the exits agentd needs.
  *
  * Only cgroup ids present in the `managed` map are reported; everything else is dropped here after one
  * hash lookup. Threads are ignored: forks count new processes (child pid == tgid) and exits count
@@ -28,8 +29,14 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define WAKEUP_BYTES (64 << 10)
 #define WAKE_NAME_LEN 16 /* key size of wake_names: up to 15 bytes of a basename and a NUL */
 #define CGROUP_AGENT_LEAF 1 /* in managed_cgroup.flags */
+/*
+ * Capacity of `managed`: every session's agent/ leaf and every running tool call (spares are not added). A
+ * full map makes agentd log an error and run those cgroups untracked; agentd_bpf_map_entries/_capacity show
+ * the use. Raise it here and rebuild (make -C bpf) for more than ~8,000 sessions plus running calls.
+ */
+#define MANAGED_MAX_ENTRIES 8192
 
-enum event_type { EV_FORK = 1, EV_EXEC = 2, EV_EXIT = 3 };
+enum event_type { EV_EXEC = 2, EV_EXIT = 3 }; /* 1 was fork, no longer reported */
 
 /* Value of `managed`: flags set by agentd, counters updated here with atomic adds. */
 struct managed_cgroup {
@@ -46,7 +53,7 @@ struct event {
 	__u32 cgroup_flags;
 	__u64 ts_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u64 cgroup_id;
-	__u32 pid; /* fork: the child */
+	__u32 pid;
 	__u32 tgid;
 	__u32 ppid; /* real_parent's tgid */
 	__u32 exit_code; /* exit: task->exit_code, a wait(2) status; else 0 */
@@ -67,7 +74,7 @@ _Static_assert(sizeof(struct exec_event) == 72 + 8 + FILENAME_LEN + ARGS_LEN, "p
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
+	__uint(max_entries, MANAGED_MAX_ENTRIES);
 	__type(key, __u64);
 	__type(value, struct managed_cgroup);
 } managed SEC(".maps");
@@ -153,16 +160,8 @@ int BPF_PROG(on_fork, struct task_struct *parent, struct task_struct *child)
 	__u64 cgroup_id = BPF_CORE_READ(child, cgroups, dfl_cgrp, kn, id);
 	struct managed_cgroup *m = bpf_map_lookup_elem(&managed, &cgroup_id);
 
-	if (!m)
-		return 0;
-	__sync_fetch_and_add(&m->forks, 1);
-
-	struct event *e = reserve(sizeof(*e));
-
-	if (!e)
-		return 0;
-	fill(e, EV_FORK, child, cgroup_id, m->flags);
-	submit(e, false);
+	if (m)
+		__sync_fetch_and_add(&m->forks, 1);
 	return 0;
 }
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from support import AGENTCTL, Daemon, call_cgroups, create_session, rpc_error, spawn_in
 
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.api.join import JoinError, join
+from agentd.joinclient import JoinError, join
 
 
 def test_socket_modes(daemon: Daemon) -> None:
@@ -70,7 +70,7 @@ def test_foreign_process_cannot_join_a_sandbox_call(daemon: Daemon, session: tup
             assert exc.code == "PERMISSION_DENIED" and "not in session" in str(exc)
         # A process inside the session's agent/ leaf presents the same token and is placed.
         code = (
-            "import sys; from agentd.api.join import join; "
+            "import sys; from agentd.joinclient import join; "
             f"print(join({begun.join_socket!r}, {begun.join_token!r})); "
             "print(open('/proc/self/cgroup').read())"
         )
@@ -128,7 +128,7 @@ def place_an_outsider(daemon: Daemon, session: tuple[str, str], code: str) -> li
 def test_pidfd_placement_needs_sender_and_target_in_the_session(daemon: Daemon, session: tuple[str, str]) -> None:
     code = (
         "import os, sys\n"
-        "from agentd.api.join import JoinError, Placement\n"
+        "from agentd.joinclient import JoinError, Placement\n"
         "from agentd.client import Client\n"
         "client = Client(os.environ['AGENTD_SOCKET'], os.environ['AGENTD_SESSION_TOKEN'])\n"
         "begun = client.begin(__import__('agentd.api.gen.agentd_pb2', fromlist=['x']).Intent(tool='steal'))\n"

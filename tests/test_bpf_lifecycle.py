@@ -1,11 +1,13 @@
-"""The lifecycle programs on this host's kernel: events of managed cgroups arrive with the right pids,
-parents, cgroup and exit status; other cgroups are filtered in the kernel; an exec in an agent leaf of a
-file whose basename is a wake name (any file until wake names are set) wakes the ring buffer's epoll fd at
-once, other events (other execs in agent leaves included, still counted and reported) only once a backlog
-builds up."""
+"""The lifecycle programs on this host's kernel: exec and exit events of managed cgroups (forks are only counted)
+arrive with the right pids, parents, cgroup and exit status; other cgroups are filtered in the kernel; an exec
+in an agent leaf of a file whose basename is a wake name (any file until wake names are set) wakes the ring
+buffer's epoll fd at once, other events (other execs in agent leaves included, still counted and reported) only
+once a backlog builds up."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import select
 import signal
@@ -17,6 +19,9 @@ from pathlib import Path
 import pytest
 from bpf_support import Cgroups, popen_in_cgroup, requires_root
 
+from agentd.core.intents import Intent, Limits
+from agentd.core.toolcalls import ToolCall
+from agentd.core.tracking import Tracking
 from agentd.kernel.bpf import cgroup_id
 from agentd.kernel.bpf.lifecycle import (
     CgroupKind,
@@ -74,11 +79,10 @@ def test_managed_events_arrive_and_unmanaged_are_filtered(
     assert all(e.cgroup_kind is CgroupKind.TOOL_CALL for e in events)
     assert all(started_ns <= e.timestamp_ns <= time.monotonic_ns() for e in events)
 
-    (fork,) = [e for e in events if e.type is EventType.FORK]
-    true = fork.pid
-    assert (fork.ppid, fork.tgid, fork.comm, fork.parent_comm) == (shell, true, "sh", "sh")
+    assert {e.type for e in events} == {EventType.EXEC, EventType.EXIT}  # forks are counted, not reported
+    (true,) = [e.pid for e in events if e.type is EventType.EXEC and e.comm == "true"]
     by_key = {(e.type, e.pid): e for e in events}
-    assert len(by_key) == len(events) == 7
+    assert len(by_key) == len(events) == 6
 
     shell_exec = by_key[EventType.EXEC, shell]
     assert (shell_exec.ppid, shell_exec.comm, shell_exec.filename) == (os.getpid(), "sh", "/bin/sh")
@@ -90,7 +94,7 @@ def test_managed_events_arrive_and_unmanaged_are_filtered(
         "true",
         ("/bin/true",),
     )
-    assert fork.timestamp_ns < true_exec.timestamp_ns < by_key[EventType.EXIT, true].timestamp_ns
+    assert shell_exec.timestamp_ns < true_exec.timestamp_ns < by_key[EventType.EXIT, true].timestamp_ns
 
     assert (by_key[EventType.EXIT, true].exit_code, by_key[EventType.EXIT, true].signal) == (0, None)
     shell_exit = by_key[EventType.EXIT, shell]
@@ -180,11 +184,11 @@ def test_exec_of_a_wake_name_in_a_tool_call_is_batched(tracker: LifecycleTracker
 def test_a_backlog_wakes_the_consumer(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
     call = cgroups.make()
     tracker.add_cgroup(cgroup_id(call), CgroupKind.TOOL_CALL)
-    run(call, ["/bin/sh", "-c", 'i=0; while [ "$i" -lt 600 ]; do (exit 0); i=$((i + 1)); done'])
-    assert readable(tracker)  # 1,200 events of 80 bytes passed the 64 KiB mark
+    run(call, ["/bin/sh", "-c", 'i=0; while [ "$i" -lt 1000 ]; do (exit 0); i=$((i + 1)); done'])
+    assert readable(tracker)  # 1,000 exit events of 80 bytes passed the 64 KiB mark (forks are only counted)
     events = tracker.consume()
-    assert len(events) == 1 + 600 * 2 + 1 and tracker.lost() == 0
-    assert tracker.counters(cgroup_id(call)) == ProcessCounters(forks=600, execs=1, exits=601)
+    assert len(events) == 1 + 1000 + 1 and tracker.lost() == 0
+    assert tracker.counters(cgroup_id(call)) == ProcessCounters(forks=1000, execs=1, exits=1001)
 
 
 def test_threads_are_not_processes(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
@@ -223,3 +227,37 @@ def test_removed_cgroups_are_no_longer_reported(tracker: LifecycleTracker, cgrou
     silent, reported = run(first, ["/bin/true"]), run(second, ["/bin/true"])
     assert {e.pid for e in tracker.consume()} == {reported} != {silent}
     assert tracker.all_counters() == {cgroup_id(second): ProcessCounters(forks=0, execs=1, exits=1)}
+
+
+def _call(cgroup: int) -> ToolCall:
+    limits = Limits(0, 0, 100, 0, 0, 60.0, 0)
+    return ToolCall(f"c{cgroup}", "s", Intent(tool="t"), limits, Path("/nonexistent"), cgroup, 0.0, False, False)
+
+
+def test_full_map_is_reported_once_and_counted(tracker: LifecycleTracker, caplog: pytest.LogCaptureFixture) -> None:
+    """Entries and capacity as the map has them; adds beyond it fail with one error logged (until one succeeds)."""
+    loop = asyncio.new_event_loop()
+    tracking = Tracking(tracker, loop)
+    try:
+        entries, capacity = tracking.map_use() or (-1, -1)
+        assert (entries, capacity) == (0, 8192)
+        base = 1 << 40  # ids no cgroup has: the map is keyed by any u64
+        for offset in range(capacity):
+            tracker.add_cgroup(base + offset, CgroupKind.TOOL_CALL)
+        assert tracking.map_use() == (capacity, capacity)
+        with caplog.at_level(logging.ERROR, logger="agentd.core.tracking"):
+            for offset in range(3):
+                tracking.add_call(_call(base + capacity + offset))
+        full = [r for r in caplog.records if "full" in r.getMessage()]
+        assert len(full) == 1 and (full[0].entries, full[0].capacity) == (capacity, capacity)  # type: ignore[attr-defined]
+        assert tracking.counters(_call(base + capacity)) is None  # runs untracked
+        tracker.remove_cgroup(base)
+        tracking.add_call(_call(base))  # there is room again: re-arms the error
+        assert tracking.map_use() == (capacity, capacity)
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="agentd.core.tracking"):
+            tracking.add_call(_call(base + 2 * capacity))
+        assert len([r for r in caplog.records if "full" in r.getMessage()]) == 1
+    finally:
+        tracking.close()
+        loop.close()

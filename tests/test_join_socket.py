@@ -11,7 +11,7 @@ import resource
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,20 +20,26 @@ from hypothesis import strategies as st
 
 from agentd.api import join
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.core.errors import PermissionDenied
+from agentd.core.errors import PermissionDenied, ResourceExhausted
 
 
 async def _never_ends(call_id: str, wait_status: int | None) -> pb.ToolCallResult:
     raise AssertionError("no END in these tests")
 
 
+def _by_uid(pid: int, uid: int) -> str:
+    return f"uid:{uid}"
+
+
 def _serve(
-    path: Path, body: Callable[[asyncio.AbstractEventLoop], Awaitable[None]], max_connections: int = 64
+    path: Path, body: Callable[[asyncio.AbstractEventLoop], Awaitable[None]], max_connections: int = 64,
+    identify: join.Identify = _by_uid,
 ) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         server = join.JoinServer(
-            loop, path, lambda token, sender, target: f"tc-{token}", _never_ends, lambda: None, max_connections
+            loop, path, lambda token, sender, target: f"tc-{token}", _never_ends, lambda: None, max_connections,
+            identify,
         )
         try:
             await body(loop)
@@ -209,7 +215,7 @@ def test_fuzzed_lines_get_a_wellformed_answer_or_a_close(
     async def main() -> bytes:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(lambda _loop, context: troubles.append(str(context.get("message"))))
-        server = join.JoinServer(loop, path, placer, ender, lambda: None, 64)
+        server = join.JoinServer(loop, path, placer, ender, lambda: None, 64, _by_uid)
         try:
             with _connect(path) as client:
                 for sent, attached in messages:
@@ -240,3 +246,219 @@ def test_fuzzed_lines_get_a_wellformed_answer_or_a_close(
     assert not troubles
     for answer in received.split(b"\n")[:-1]:
         assert VALID_ANSWER.fullmatch(answer), answer
+
+
+# ----- limits: descriptors, owners' quotas, answers to every request ------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _server(
+    path: Path,
+    placer: join.Placer = lambda token, sender, target: f"tc-{token}",
+    ender: join.Ender = _never_ends,
+    identify: join.Identify = _by_uid,
+) -> AsyncIterator[join.JoinServer]:
+    server = join.JoinServer(asyncio.get_running_loop(), path, placer, ender, lambda: None, 64, identify)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def _closed_by_agentd(sock: socket.socket) -> bool:
+    """Whether agentd closed the connection (without an answer), waiting up to 5 s."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.sock_recv(sock, 100), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def _ask(sock: socket.socket, line: str) -> bytes:
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, line.encode() + b"\n")
+    return await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize(
+    ("data", "attached"),
+    [
+        (b"J", ["live"]),  # a descriptor with no complete line: the 510-descriptor pile-up of issue 9
+        (b"JOIN a\n", ["live", "live"]),  # two in one message: the second is cut (MSG_CTRUNC)
+        (b"END tc-a 0\n", ["live"]),  # a descriptor with a verb that takes none
+        (b"JOIN a\nJOIN", ["live"]),  # the line after a complete one is not complete
+    ],
+)
+def test_a_descriptor_not_alone_with_the_end_of_a_hold_or_join_closes_the_connection(
+    tmp_path: Path, descriptors: dict[str, int], data: bytes, attached: list[str]
+) -> None:
+    path = tmp_path / "join.sock"
+
+    async def main() -> None:
+        async with _server(path) as server:
+            before = _open_fds()
+            with _connect(path) as sock:
+                socket.send_fds(sock, [data], [descriptors[name] for name in attached])
+                assert await _closed_by_agentd(sock)
+                assert not server.connections
+            assert _open_fds() == before  # agentd's end and the descriptors it received are gone too
+            with _connect(path) as fine:  # others are not affected
+                assert await _ask(fine, "JOIN b") == b"OK tc-b\n"
+
+    asyncio.run(main())
+
+
+def test_holds_are_limited_per_owner_and_one_owner_at_its_quota_leaves_others_alone(
+    tmp_path: Path, descriptors: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two connections of owner A share its quota of unclaimed HOLDs; the HOLD beyond it closes its connection
+    and its BeginToolCall is told at once; owner B holds and places as before."""
+    monkeypatch.setattr(join, "MAX_HELD_PER_OWNER", 3)
+    path = tmp_path / "join.sock"
+    owner = {"now": "session:a"}
+
+    async def hold(sock: socket.socket, ref: str) -> None:
+        socket.send_fds(sock, [f"HOLD {ref}\n".encode()], [descriptors["live"]])
+        assert await _ask(sock, "JOIN sync") == b"OK tc-sync\n"  # the HOLD was handled before this answer
+
+    async def main() -> None:
+        async with _server(path, identify=lambda pid, uid: owner["now"]) as server:
+            a1, a2 = _connect(path), _connect(path)
+            with a1, a2:
+                await hold(a1, "a0")
+                await hold(a1, "a1")
+                await hold(a2, "a2")
+                socket.send_fds(a2, [b"HOLD a3\n"], [descriptors["live"]])
+                assert await _closed_by_agentd(a2)
+                assert set(server.held) == {"a0", "a1"}  # a2's HOLD went with its connection
+                owner["now"] = "session:b"
+                with _connect(path) as b:
+                    await hold(b, "b0")
+                    await hold(b, "b1")
+                    await hold(b, "b2")
+                    assert server.usage["session:a"].held == 2 and server.usage["session:b"].held == 3
+                    start = time.monotonic()
+                    with pytest.raises(join.HoldRefused, match="3 unclaimed HOLDs from session:a"):
+                        async with server.take("a3"):
+                            pass
+                    assert time.monotonic() - start < 1  # not after HOLD_WAIT_SECONDS
+                    async with server.take("b0") as (held, pid):
+                        assert held.connection.owner == "session:b" and pid > 0
+                    assert server.usage["session:b"].held == 2
+            await asyncio.sleep(0.05)
+            assert not server.held and not server.usage  # everything released with the connections
+
+    asyncio.run(main())
+
+
+def test_connections_are_limited_per_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(join, "MAX_CONNECTIONS_PER_OWNER", 2)
+    path = tmp_path / "join.sock"
+    owner = {"now": "session:a"}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _server(path, identify=lambda pid, uid: owner["now"]):
+            a1, a2, a3 = _connect(path), _connect(path), _connect(path)
+            with a1, a2, a3:
+                assert await _ask(a1, "JOIN 1") == b"OK tc-1\n"
+                assert await _ask(a2, "JOIN 2") == b"OK tc-2\n"
+                assert await asyncio.wait_for(loop.sock_recv(a3, 200), 5) == (
+                    b"ERR RESOURCE_EXHAUSTED too many join connections from session:a (2 open, at most 2)\n"
+                )
+                owner["now"] = "uid:1000"
+                with _connect(path) as other:
+                    assert await _ask(other, "JOIN 3") == b"OK tc-3\n"
+            await asyncio.sleep(0.05)
+            owner["now"] = "session:a"
+            with _connect(path) as again:  # closing gives the quota back
+                assert await _ask(again, "JOIN 4") == b"OK tc-4\n"
+
+    asyncio.run(main())
+
+
+def test_a_connection_whose_process_has_exited_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "join.sock"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _server(path, identify=lambda pid, uid: None):
+            with _connect(path) as sock:
+                assert await asyncio.wait_for(loop.sock_recv(sock, 200), 5) == (
+                    b"ERR FAILED_PRECONDITION the connecting process has exited\n"
+                )
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("failure", "answer"),
+    [
+        (KeyError("tc-x"), b"ERR INTERNAL internal error: KeyError: 'tc-x'\n"),
+        (OSError(5, "Input/output error"), b"ERR INTERNAL internal error: OSError: [Errno 5] Input/output error\n"),
+        (ValueError("bad\nvalue"), b"ERR INTERNAL internal error: ValueError: bad value\n"),
+        (ResourceExhausted("too many"), b"ERR RESOURCE_EXHAUSTED too many\n"),
+    ],
+)
+def test_every_end_gets_an_answer(tmp_path: Path, failure: Exception, answer: bytes) -> None:
+    """The engine's END can fail with anything (a CgroupError, an OSError, a KeyError): the client is answered,
+    with the code of the one table (agentd.api.status), and the connection goes on."""
+    path = tmp_path / "join.sock"
+
+    async def ender(call_id: str, wait_status: int | None) -> pb.ToolCallResult:
+        raise failure
+
+    async def main() -> None:
+        async with _server(path, ender=ender):
+            with _connect(path) as sock:
+                assert await _ask(sock, "JOIN x") == b"OK tc-x\n"
+                assert await _ask(sock, "END tc-x 0") == answer
+                assert await _ask(sock, "JOIN y") == b"OK tc-y\n"
+
+    asyncio.run(main())
+
+
+def test_join_refusals_use_the_one_status_table(tmp_path: Path) -> None:
+    def placer(token: str, sender: int, target: int | None) -> str:
+        raise {"full": ResourceExhausted("the session is full"), "gone": KeyError(token)}[token]
+
+    path = tmp_path / "join.sock"
+
+    async def main() -> None:
+        async with _server(path, placer=placer):
+            with _connect(path) as sock:
+                assert await _ask(sock, "JOIN full") == b"ERR RESOURCE_EXHAUSTED the session is full\n"
+                assert await _ask(sock, "JOIN gone") == b"ERR INTERNAL internal error: KeyError: 'gone'\n"
+
+    asyncio.run(main())
+
+
+def test_calls_placed_on_a_connection_are_forgotten_once_ended_and_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(join, "MAX_PLACED_PER_CONNECTION", 8)
+    path = tmp_path / "join.sock"
+
+    async def ender(call_id: str, wait_status: int | None) -> pb.ToolCallResult:
+        return pb.ToolCallResult(call_id=call_id)
+
+    async def main() -> None:
+        async with _server(path, ender=ender) as server:
+            with _connect(path) as sock:
+                for n in range(50):  # a long-lived connection, one call after the other
+                    assert await _ask(sock, f"JOIN {n}") == f"OK tc-{n}\n".encode()
+                    assert (await _ask(sock, f"END tc-{n} 0")).startswith(b"RESULT ")
+                (connection,) = server.connections
+                assert not connection.placed
+                assert (await _ask(sock, "END tc-3 0")).startswith(b"ERR PERMISSION_DENIED")  # once only
+                for n in range(20):  # placed and never ended here (e.g. ended through EndToolCall)
+                    assert await _ask(sock, f"JOIN p{n}") == f"OK tc-p{n}\n".encode()
+                assert list(connection.placed) == [f"tc-p{n}" for n in range(12, 20)]
+                assert (await _ask(sock, "END tc-p0 0")).startswith(b"ERR PERMISSION_DENIED")
+                assert (await _ask(sock, "END tc-p19 0")).startswith(b"RESULT ")
+
+    asyncio.run(main())

@@ -13,7 +13,8 @@ import pytest
 from support import AGENTCTL, Daemon, call_cgroups, create_session, rpc_error, spawn_in, wait_for
 
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.api.join import MAX_HELD_PER_CONNECTION, JoinError, Placement, join
+from agentd.api.join import MAX_HELD_PER_CONNECTION
+from agentd.joinclient import JoinError, Placement, join
 from agentd.kernel import cgroupfs
 from agentd.kernel.mounts import cgroup2_mount
 from agentd.launch import launch, release

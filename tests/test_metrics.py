@@ -4,8 +4,9 @@ the per-session families (agentd_session_*)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from support import Daemon, scrape, value, wait_for
+from support import Daemon, create_session, scrape, value, wait_for
 
 from agentd.api.gen import agentd_pb2 as pb
 
@@ -20,7 +21,8 @@ def test_metrics_follow_calls(daemon: Daemon, session: tuple[str, str]) -> None:
     wait_for(lambda: value(scrape(daemon), ok) == value(before, ok) + 1)  # counted right after the answer
     after = scrape(daemon)
     for family in ("agentd_tool_calls_started_total", "agentd_tool_calls_finished_total",
-                   "agentd_tool_call_duration_seconds", "agentd_tool_call_memory_peak_bytes", "agentd_oom_kills_total",
+                   "agentd_tool_call_duration_seconds", "agentd_tool_call_memory_peak_bytes",
+                   "agentd_tool_calls_oom_killed_total", "agentd_oom_killed_processes_total",
                    "agentd_api_request_duration_seconds", "agentd_sessions", "agentd_tool_calls_active",
                    "agentd_cgroups_alive", "agentd_controller_enforced", "agentd_bpf_enabled",
                    "agentd_bpf_events_lost_total", "agentd_session_process_events_total",
@@ -42,3 +44,23 @@ def test_metrics_follow_calls(daemon: Daemon, session: tuple[str, str]) -> None:
     with daemon.admin() as admin:
         status = admin.call("GetStatus", pb.GetStatusRequest())
     assert enforced == (1.0 if "memory" in status.controllers_enforced else 0.0)
+
+
+def test_bpf_map_use_and_capacity(daemon_factory: Callable[..., Daemon]) -> None:
+    """The lifecycle program's map of tracked cgroups: one entry per session (its agent/ leaf) and per running
+    call, out of the capacity the loaded map has (MANAGED_MAX_ENTRIES in bpf/lifecycle.bpf.c)."""
+    daemon = daemon_factory().start()
+    entries, capacity = 'agentd_bpf_map_entries{map="managed"}', 'agentd_bpf_map_capacity{map="managed"}'
+    first = scrape(daemon)
+    assert value(first, 'agentd_bpf_enabled{program="lifecycle"}') == 1
+    assert (value(first, entries), value(first, capacity)) == (0, 8192)
+    with daemon.admin() as admin:
+        one, _ = create_session(admin)
+        create_session(admin)
+        assert value(scrape(daemon), entries) == 2
+        begun = admin.begin(pb.Intent(tool="held"), one)
+        assert value(scrape(daemon), entries) == 3
+        admin.end(begun.call_id, None)
+        wait_for(lambda: value(scrape(daemon), entries) == 2)
+        admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=one, force=True))
+    assert value(scrape(daemon), entries) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.core.intents import Intent, Limits
-from agentd.core.results import Capture, Result
+from agentd.core.results import Capture, OomScope, Result
 from agentd.core.sessions import Session, SessionSpec
 from agentd.core.toolcalls import ToolCall
 
@@ -87,11 +87,18 @@ def result_to_pb(result: Result) -> pb.ToolCallResult:
         network_denials=result.network_denials,
         forks=result.forks,
         capture=capture_to_pb(result.capture) if result.capture is not None else None,
+        oom_scope=oom_scope_to_pb(result.oom_scope),
+        oom_killed_processes=result.oom_killed_processes,
     )
     if result.exit_status is not None:
         msg.exit_code = result.exit_status.code
         msg.exit_signal = result.exit_status.signal
     return msg
+
+
+def oom_scope_to_pb(scope: OomScope) -> str:
+    """The proto enum's name (NONE is its UNSPECIFIED)."""
+    return "OOM_SCOPE_UNSPECIFIED" if scope == OomScope.NONE else f"OOM_SCOPE_{scope.name}"
 
 
 def capture_to_pb(capture: Capture) -> pb.CaptureInfo:

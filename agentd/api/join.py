@@ -15,12 +15,29 @@ One line per request and per answer, on a Unix stream socket:
 HOLD lets a launcher place its child before exec without running code in the child and without a round trip
 of its own, and keeps the connection for END: a tool call costs one gRPC round trip (BeginToolCall, which
 places the child) plus one on this socket. The sender of a HOLD and its process are checked at placement
-exactly as for JOIN.
+exactly as for JOIN. Every request gets its answer: an unexpected failure is `ERR INTERNAL <message>`. The
+codes are those of gRPC (agentd.api.status).
+
+Limits. The socket is world-connectable and bind-mounted into every sandbox: no peer may take more than a
+bounded share of agentd's descriptors or HOLD slots, and one owner's abuse must not block another's calls.
+A connection belongs to an owner, identified once when it is accepted: the session whose cgroups hold the
+connecting process (SO_PEERCRED pid -> cgroup, agentd.core.owners), or "uid:<uid>" for a process outside every
+session; a connection whose process has exited by then is refused.
+- Descriptors travel with the line they belong to. A read accepts room for one descriptor (a message with more
+  is cut, MSG_CTRUNC), and a message carrying one must end its line, a HOLD or a JOIN. Anything else closes the
+  connection and the descriptors at once: no descriptor ever waits in agentd for a later read.
+- Per owner: MAX_CONNECTIONS_PER_OWNER connections (beyond: `ERR RESOURCE_EXHAUSTED`, closed) and
+  MAX_HELD_PER_OWNER unclaimed HOLDs; per connection MAX_HELD_PER_CONNECTION. A HOLD beyond a quota closes its
+  connection, and the BeginToolCall naming it is refused at once with RESOURCE_EXHAUSTED.
+- In all: [api] max_connections connections and MAX_HELD unclaimed HOLDs, backstops far above one owner's share.
+- A connection remembers the calls placed on it until their END (an END forgets its call), the newest
+  MAX_PLACED_PER_CONNECTION of them: for an older one END answers PERMISSION_DENIED (EndToolCall still works).
+An owner therefore holds at most MAX_CONNECTIONS_PER_OWNER + MAX_HELD_PER_OWNER of agentd's descriptors, plus
+one for the read being handled.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import base64
 import contextlib
@@ -29,39 +46,89 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.core.errors import AgentdError, FailedPrecondition, NotFound, PermissionDenied
+from agentd.api.status import message, status_code
+from agentd.core.errors import AgentdError, FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 512
+READ_SIZE = 4096  # bytes taken per read: several pipelined lines at once, never a descriptor more
 MAX_REF = 64
 IDLE_TIMEOUT_SECONDS = 30.0
 ACCEPT_PAUSE_SECONDS = 0.1  # out of descriptors: stop accepting for a moment instead of spinning on the listener
+ACCEPTS_PER_WAKEUP = 64  # then other work on the loop gets its turn
 HOLD_WAIT_SECONDS = 5.0  # how long a BeginToolCall waits for the HOLD it names (sent just before it)
-MAX_HELD_PER_CONNECTION = 16  # a HOLD keeps a pidfd open in agentd until claimed or expired
-MAX_HELD = 1024  # in all: connections times their HOLDs must not use up agentd's descriptors
+# Connections one owner may have open: one per running `agentctl run` (a session runs at most
+# [sessions] max_active_calls_per_session calls, 256 by default, rarely more than a few at once) plus idle
+# clients' (closed after IDLE_TIMEOUT_SECONDS). 32 owners at their quota fill [api] max_connections (4096).
+MAX_CONNECTIONS_PER_OWNER = 128
+# Unclaimed HOLDs (each keeps a pidfd open in agentd) per owner and per connection; a launcher's HOLD is claimed
+# by its BeginToolCall a millisecond later, so only launches started at the very same moment count together.
+MAX_HELD_PER_OWNER = 32
+MAX_HELD_PER_CONNECTION = 16
+MAX_HELD = 4096  # in all: 128 owners at their quota
+MAX_PLACED_PER_CONNECTION = 256  # calls awaiting their END on one connection: as many as a session may run
+MAX_REFUSED_REMEMBERED = 1024  # refused HOLDs whose BeginToolCall is told at once (older ones: after the wait)
+LOG_INTERVAL_SECONDS = 1.0  # a refusal of one kind for one owner is logged at most this often
+EXPECTED = "expected 'HOLD <ref>', 'JOIN <token>' or 'END <call id> <wait status>'"
 _UCRED = struct.Struct("3i")
-_FD_SPACE = socket.CMSG_SPACE(struct.calcsize("i"))
+# Room for exactly one descriptor (CMSG_SPACE would round up to room for two on 64-bit).
+_FD_SPACE = socket.CMSG_LEN(struct.calcsize("i"))
 
 # (token, sender pid, target pid or None for the sender itself) -> call id
 Placer = Callable[[str, int, int | None], str]
 # (call id, wait status or None) -> result
 Ender = Callable[[str, int | None], Awaitable[pb.ToolCallResult]]
+# (pid, uid) of a connecting process -> its owner ("session:<id>", "uid:<uid>"); None once it has exited
+Identify = Callable[[int, int], str | None]
 
 
-def error_code(exc: AgentdError) -> str:
-    if isinstance(exc, PermissionDenied):
-        return "PERMISSION_DENIED"
-    if isinstance(exc, FailedPrecondition):
-        return "FAILED_PRECONDITION"
-    if isinstance(exc, NotFound):
-        return "NOT_FOUND"
-    return "INVALID_ARGUMENT"
+class HoldRefused(ResourceExhausted):
+    """The HOLD a BeginToolCall names was refused: its owner was at a quota."""
+
+
+@dataclass
+class Usage:
+    """What one owner holds now."""
+
+    connections: int = 0
+    held: int = 0
+
+
+def connection_refusal(open_in_all: int, max_connections: int, owner: str, usage: Usage) -> str | None:
+    """Why a new connection of `owner` is refused, or None."""
+    if open_in_all >= max_connections:
+        return "too many join connections"
+    if usage.connections >= MAX_CONNECTIONS_PER_OWNER:
+        return f"too many join connections from {owner} ({usage.connections} open, at most {MAX_CONNECTIONS_PER_OWNER})"
+    return None
+
+
+def hold_refusal(on_connection: int, owner: str, usage: Usage, held_in_all: int) -> str | None:
+    """Why one more HOLD is refused, or None."""
+    if on_connection >= MAX_HELD_PER_CONNECTION:
+        return f"{on_connection} unclaimed HOLDs on this connection (at most {MAX_HELD_PER_CONNECTION})"
+    if usage.held >= MAX_HELD_PER_OWNER:
+        return f"{usage.held} unclaimed HOLDs from {owner} (at most {MAX_HELD_PER_OWNER})"
+    if held_in_all >= MAX_HELD:
+        return f"{held_in_all} unclaimed HOLDs in all (at most {MAX_HELD})"
+    return None
+
+
+def descriptor_fault(descriptors: int, flags: int, data: bytes) -> str | None:
+    """Why a read breaks the rule that a descriptor comes alone with the end of its line, or None."""
+    if flags & socket.MSG_CTRUNC:
+        return "more than one descriptor in a message"
+    if descriptors and not data.endswith(b"\n"):
+        return "a descriptor without the end of its line"
+    return None
 
 
 def parse_wait_status(text: str) -> int | None:
@@ -87,59 +154,73 @@ def pidfd_pid(fd: int) -> int:
     raise FailedPrecondition("the attached descriptor is not a pidfd")
 
 
+def _descriptors(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+    return fds
+
+
 class _Connection:
-    def __init__(self, server: JoinServer, sock: socket.socket) -> None:
+    def __init__(self, server: JoinServer, sock: socket.socket, sender: int, owner: str) -> None:
         self.server = server
         self.sock = sock
-        self.buffer = b""
-        self.fds = array.array("i")  # received with a line not complete yet
-        self.placed: set[str] = set()
-        self.sender: int = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
+        self.sender = sender  # pid of the connecting process (SO_PEERCRED)
+        self.owner = owner
+        self.open = True
+        self.buffer = b""  # a line not complete yet (never with a descriptor)
+        self.refs: set[str] = set()  # its unclaimed HOLDs
+        self.placed: OrderedDict[str, None] = OrderedDict()  # calls placed here awaiting END, oldest first
         self.active = server.loop.time()  # of the last request or answer
         self.idle = server.loop.call_later(IDLE_TIMEOUT_SECONDS, self._check_idle)
         server.loop.add_reader(sock.fileno(), self.readable)
 
     def readable(self) -> None:
         try:
-            data, ancdata, _flags, _addr = self.sock.recvmsg(MAX_LINE, _FD_SPACE)
+            data, ancdata, flags, _addr = self.sock.recvmsg(READ_SIZE, _FD_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.close()
             return
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                self.fds.frombytes(payload[: len(payload) - len(payload) % self.fds.itemsize])
+        fds = _descriptors(ancdata)
+        try:
+            self._received(data, flags, fds)
+        finally:
+            for fd in fds:  # all but a HOLD's, which it keeps (pops)
+                os.close(fd)
+
+    def _received(self, data: bytes, flags: int, fds: list[int]) -> None:
         if not data:
             self.close()
             return
+        fault = descriptor_fault(len(fds), flags, data)
+        if fault is not None:
+            self.violation(fault)
+            return
         self._touch()
-        self.buffer += data
-        while b"\n" in self.buffer and self.sock.fileno() >= 0:
-            line, self.buffer = self.buffer.split(b"\n", 1)
-            # A read ends with the message that carried descriptors: they belong to its last complete line.
-            fds, self.fds = (self.fds, array.array("i")) if b"\n" not in self.buffer else (array.array("i"), self.fds)
-            try:
-                self.handle(line.decode(errors="replace"), fds)  # a HOLD keeps its pidfd (pops it)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-        if len(self.buffer) > MAX_LINE and self.sock.fileno() >= 0:
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        for n, line in enumerate(lines):
+            if not self.open:
+                return
+            if len(line) > MAX_LINE:
+                self.buffer = line
+                break
+            # A read ends with the message that carried a descriptor: it belongs to the read's last line.
+            self.handle(line.decode(errors="replace"), fds if n == len(lines) - 1 else [])
+        if len(self.buffer) > MAX_LINE and self.open:
             self.reply("ERR INVALID_ARGUMENT line too long")
             self.close()
 
-    def handle(self, line: str, fds: array.array[int]) -> None:
+    def handle(self, line: str, fds: list[int]) -> None:
         verb, _, rest = line.partition(" ")
+        if fds and verb not in ("HOLD", "JOIN"):
+            self.violation(f"a descriptor with {verb[:16]!r}, not with HOLD or JOIN")
+            return
         if verb == "HOLD":
-            ref = rest.strip()
-            held = sum(1 for h in self.server.held.values() if h.connection is self)
-            malformed = len(fds) != 1 or not 0 < len(ref) <= MAX_REF or ref in self.server.held
-            if malformed or held >= MAX_HELD_PER_CONNECTION or len(self.server.held) >= MAX_HELD:
-                log.warning("join socket: malformed or excess HOLD, closing the connection",
-                            extra={"pid": self.sender})
-                self.close()
-                return
-            self.server.hold(ref, self, fds.pop())
+            self._hold(rest.strip(), fds)
             return
         try:
             if verb == "JOIN" and rest:
@@ -147,29 +228,62 @@ class _Connection:
                 if target == -1:
                     raise FailedPrecondition("the process to place has already exited")
                 call_id = self.server.placer(rest.strip(), self.sender, target)
-                self.placed.add(call_id)
+                self.remember(call_id)
                 self.reply(f"OK {call_id}")
             elif verb == "END" and rest:
                 call_id, _, status = rest.partition(" ")
                 if call_id not in self.placed:
                     raise PermissionDenied("END is accepted only on the connection that placed the call")
                 wait_status = parse_wait_status(status.strip())
-                self.server.loop.create_task(self.end(call_id, wait_status))
+                del self.placed[call_id]  # one END per call: no pile of tasks waiting for the same result
+                self.server.spawn(self.end(call_id, wait_status))
             else:
-                raise AgentdError("expected 'HOLD <ref>', 'JOIN <token>' or 'END <call id> <wait status>'")
-        except AgentdError as exc:
-            self.reply(f"ERR {error_code(exc)} {exc}")
+                raise InvalidArgument("request", EXPECTED)
         except ValueError as exc:
             self.reply(f"ERR INVALID_ARGUMENT {exc}")
+        except Exception as exc:  # every request gets an answer
+            self.failed(verb, exc)
+
+    def _hold(self, ref: str, fds: list[int]) -> None:
+        if len(fds) != 1 or not 0 < len(ref) <= MAX_REF or ref in self.server.held:
+            self.violation("malformed HOLD")
+            return
+        refusal = self.server.hold_refusal(self)
+        if refusal is not None:
+            self.server.refuse(ref, self, refusal)
+            self.close()
+            return
+        self.server.hold(ref, self, fds.pop())
 
     async def end(self, call_id: str, wait_status: int | None) -> None:
         try:
             result = await self.server.ender(call_id, wait_status)
-        except AgentdError as exc:
-            self.reply(f"ERR {error_code(exc)} {exc}")
+        except Exception as exc:  # every END gets an answer
+            self.failed("END", exc, call_id)
             return
         self.reply("RESULT " + base64.b64encode(result.SerializeToString()).decode())
         self.server.answered()  # the client is busy with the result now: a good moment for deferred work
+
+    def failed(self, verb: str, exc: Exception, call_id: str = "") -> None:
+        """Answer a request that failed: an AgentdError as its code; anything else INTERNAL, logged with its
+        traceback."""
+        code = status_code(exc).name
+        if not isinstance(exc, AgentdError):
+            log.error("join socket: %s failed unexpectedly", verb, exc_info=exc,
+                      extra={"owner": self.owner, "pid": self.sender, "call": call_id, "code": code})
+        self.reply(f"ERR {code} {message(exc)}")
+
+    def remember(self, call_id: str) -> None:
+        """A call placed on this connection: its END is accepted here (the newest MAX_PLACED_PER_CONNECTION)."""
+        self.placed[call_id] = None
+        while len(self.placed) > MAX_PLACED_PER_CONNECTION:
+            self.placed.popitem(last=False)
+
+    def violation(self, why: str) -> None:
+        """The peer broke the protocol's rules: closed at once, its descriptors with it."""
+        self.server.note("protocol", self.owner, "join socket: protocol violation, connection closed",
+                         why=why, pid=self.sender)
+        self.close()
 
     def _touch(self) -> None:
         """The connection is in use: its idle timeout starts over (noted only; the timer catches up when due,
@@ -184,26 +298,22 @@ class _Connection:
             self.close()
 
     def reply(self, line: str) -> None:
-        if self.sock.fileno() < 0:  # closed meanwhile (an END answered after the client went away)
+        if not self.open:  # closed meanwhile (an END answered after the client went away)
             return
         self._touch()
         try:
-            self.sock.sendall(line.encode() + b"\n")
+            self.sock.sendall(line.replace("\n", " ").encode() + b"\n")
         except OSError:
             self.close()
 
     def close(self) -> None:
+        if not self.open:
+            return
+        self.open = False
         self.idle.cancel()
-        if self.sock.fileno() >= 0:
-            self.server.loop.remove_reader(self.sock.fileno())
-            self.sock.close()
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = array.array("i")
-        self.server.connections.discard(self)
-        for ref, held in list(self.server.held.items()):
-            if held.connection is self:
-                self.server.drop(ref)
+        self.server.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        self.server.closed(self)
 
 
 @dataclass
@@ -220,7 +330,7 @@ class Held:
 
     def placed(self, call_id: str) -> None:
         """The process is in the call: END for it is accepted on the HOLD's connection."""
-        self.connection.placed.add(call_id)
+        self.connection.remember(call_id)
 
 
 class JoinServer:
@@ -228,72 +338,150 @@ class JoinServer:
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, path: Path, placer: Placer, ender: Ender, answered: Callable[[], None],
-        max_connections: int,
+        max_connections: int, identify: Identify,
     ) -> None:
         self.loop = loop
         self.max_connections = max_connections  # open at once, from all sandboxes
         self.placer = placer
         self.ender = ender
         self.answered = answered  # called after each END's result went out
+        self.identify = identify
         self.connections: set[_Connection] = set()
+        self.usage: dict[str, Usage] = {}  # by owner
         self.held: dict[str, Held] = {}
+        self.refused: OrderedDict[str, str] = OrderedDict()  # HOLD ref -> why, for its BeginToolCall
         self._awaited: dict[str, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._logged: dict[tuple[str, str], float] = {}
+        self._unlogged: Counter[tuple[str, str]] = Counter()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.listener.bind(str(path))
         self.listener.listen(256)
         self._resume: asyncio.TimerHandle | None = None
-        self._refusals_logged = -1.0
         self._listen()
 
+    # ----- connections -----------------------------------------------------------------------------------
+
     def _accept(self) -> None:
-        for _ in range(64):
+        for _ in range(ACCEPTS_PER_WAKEUP):
             try:
                 sock, _addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    log.error("join socket: out of file descriptors; not accepting for a moment")
+                    log.error("join socket: out of file descriptors; not accepting for a moment",
+                              extra={"connections": len(self.connections), "held": len(self.held)})
                     self.loop.remove_reader(self.listener.fileno())
                     self._resume = self.loop.call_later(ACCEPT_PAUSE_SECONDS, self._listen)
                     return
                 raise
-            if len(self.connections) >= self.max_connections:
-                self._refuse(sock)
-                continue
-            sock.setblocking(False)
-            self.connections.add(_Connection(self, sock))
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        try:
+            owner = self.identify(pid, uid)
+        except OSError:  # its /proc entry went away in a way not reported as "gone"
+            owner = None
+        if owner is None:
+            self._refuse(sock, "FAILED_PRECONDITION", "the connecting process has exited", f"pid:{pid}", pid)
+            return
+        usage = self.usage.get(owner, Usage())
+        refusal = connection_refusal(len(self.connections), self.max_connections, owner, usage)
+        if refusal is not None:
+            self._refuse(sock, "RESOURCE_EXHAUSTED", refusal, owner, pid)
+            return
+        self._count(owner, connections=1)
+        self.connections.add(_Connection(self, sock, pid, owner))
 
     def _listen(self) -> None:
         self.loop.add_reader(self.listener.fileno(), self._accept)
 
-    def _refuse(self, sock: socket.socket) -> None:
-        """Too many connections: this one is told so and closed (logged once a second at most)."""
+    def _refuse(self, sock: socket.socket, code: str, why: str, owner: str, pid: int) -> None:
+        """A connection not admitted: told why and closed."""
         with contextlib.suppress(OSError), sock:
-            sock.setblocking(False)
-            sock.send(b"ERR RESOURCE_EXHAUSTED too many join connections\n")
-        if self.loop.time() >= self._refusals_logged + 1.0:
-            self._refusals_logged = self.loop.time()
-            log.warning("join socket: connection refused, %d open already", len(self.connections))
+            sock.send(f"ERR {code} {why}\n".encode())
+        self.note("connection", owner, "join socket: connection refused", why=why, pid=pid,
+                  open=len(self.connections), owner_open=self.usage.get(owner, Usage()).connections)
+
+    def closed(self, connection: _Connection) -> None:
+        """A connection is gone: its unclaimed HOLDs with it."""
+        self.connections.discard(connection)
+        for ref in list(connection.refs):
+            self.drop(ref)
+        self._count(connection.owner, connections=-1)
+
+    def _count(self, owner: str, connections: int = 0, held: int = 0) -> None:
+        usage = self.usage.setdefault(owner, Usage())
+        usage.connections += connections
+        usage.held += held
+        if not usage.connections and not usage.held:
+            del self.usage[owner]
+
+    def note(self, kind: str, owner: str, text: str, **numbers: Any) -> None:
+        """Log a refusal, at most once per LOG_INTERVAL_SECONDS for a kind and an owner (a flood of them must
+        not flood the journal); the next line says how many were left out."""
+        key, now = (kind, owner), self.loop.time()
+        if now < self._logged.get(key, -LOG_INTERVAL_SECONDS) + LOG_INTERVAL_SECONDS:
+            self._unlogged[key] += 1
+            return
+        self._logged[key] = now
+        log.warning(text, extra={"owner": owner, "not_logged_before": self._unlogged.pop(key, 0), **numbers})
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----- held processes --------------------------------------------------------------------------------
+
+    def hold_refusal(self, connection: _Connection) -> str | None:
+        usage = self.usage.get(connection.owner, Usage())
+        return hold_refusal(len(connection.refs), connection.owner, usage, len(self.held))
 
     def hold(self, ref: str, connection: _Connection, pidfd: int) -> None:
+        self.refused.pop(ref, None)
         self.held[ref] = Held(connection, pidfd, self.loop.call_later(HOLD_WAIT_SECONDS, self.drop, ref))
+        connection.refs.add(ref)
+        self._count(connection.owner, held=1)
+        self._wake(ref)
+
+    def refuse(self, ref: str, connection: _Connection, why: str) -> None:
+        """A HOLD over a quota: its BeginToolCall is told at once (the newest MAX_REFUSED_REMEMBERED)."""
+        self.refused[ref] = f"HOLD refused: {why}"
+        while len(self.refused) > MAX_REFUSED_REMEMBERED:
+            self.refused.popitem(last=False)
+        self._wake(ref)
+        self.note("hold", connection.owner, "join socket: HOLD refused, connection closed", why=why,
+                  pid=connection.sender, held=len(self.held),
+                  owner_held=self.usage.get(connection.owner, Usage()).held)
+
+    def _wake(self, ref: str) -> None:
         waiter = self._awaited.pop(ref, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def drop(self, ref: str) -> None:
-        """Forget a held process (expired, its connection closed)."""
+    def _release(self, ref: str) -> Held | None:
         held = self.held.pop(ref, None)
         if held is not None:
             held.expiry.cancel()
+            held.connection.refs.discard(ref)
+            self._count(held.connection.owner, held=-1)
+        return held
+
+    def drop(self, ref: str) -> None:
+        """Forget a held process (expired, its connection closed)."""
+        held = self._release(ref)
+        if held is not None:
             os.close(held.pidfd)
 
     @contextlib.asynccontextmanager
     async def take(self, ref: str) -> AsyncIterator[tuple[Held, int]]:
         """The process held under `ref` and its pid, for the duration of the block (waits a little for a HOLD
         still on its way); its pidfd is closed after."""
-        if ref not in self.held:
+        if ref not in self.held and ref not in self.refused:
             waiter = self._awaited.setdefault(ref, self.loop.create_future())
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), HOLD_WAIT_SECONDS)
@@ -301,10 +489,12 @@ class JoinServer:
                 raise FailedPrecondition(f"no process held under {ref!r} on the join socket") from None
             finally:
                 self._awaited.pop(ref, None)
-        held = self.held.pop(ref, None)
+        why = self.refused.pop(ref, None)
+        if why is not None:
+            raise HoldRefused(why)
+        held = self._release(ref)
         if held is None:  # taken by a concurrent request with the same reference
             raise FailedPrecondition(f"no process held under {ref!r} on the join socket")
-        held.expiry.cancel()
         try:
             pid = pidfd_pid(held.pidfd)
             if pid == -1:
@@ -320,70 +510,5 @@ class JoinServer:
         self.listener.close()
         for connection in list(self.connections):
             connection.close()
-
-
-# ----- client side -------------------------------------------------------------------------------------------
-
-
-class JoinError(RuntimeError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-
-
-class Placement:
-    """A client connection to the join socket: place a process, later report its end and get the result."""
-
-    def __init__(self, socket_path: str, timeout: float | None = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
-        self._buffer = b""
-        try:
-            self.sock.connect(socket_path)
-        except OSError:
-            self.sock.close()
-            raise
-
-    def _request(self, line: str, fds: list[int] | None = None) -> str:
-        data = line.encode() + b"\n"
-        if fds:
-            socket.send_fds(self.sock, [data], fds)
-        else:
-            self.sock.sendall(data)
-        while b"\n" not in self._buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise JoinError("UNAVAILABLE", "agentd closed the join connection")
-            self._buffer += chunk
-        answer, self._buffer = self._buffer.split(b"\n", 1)
-        status, _, rest = answer.decode(errors="replace").partition(" ")
-        if status == "ERR":
-            code, _, message = rest.partition(" ")
-            raise JoinError(code, message)
-        return rest
-
-    def hold(self, ref: str, pidfd: int) -> None:
-        """Offer the process `pidfd` refers to for the BeginToolCall that names `ref` (no answer here)."""
-        socket.send_fds(self.sock, [f"HOLD {ref}\n".encode()], [pidfd])
-
-    def place(self, token: str, pidfd: int | None = None) -> str:
-        """Place the process `pidfd` refers to (None: this process). Returns the call id."""
-        return self._request(f"JOIN {token}", [pidfd] if pidfd is not None else None)
-
-    def end(self, call_id: str, wait_status: int | None) -> pb.ToolCallResult:
-        """Report the tool's wait status; returns the call's result once agentd has finalised it."""
-        reply = self._request(f"END {call_id} {'-' if wait_status is None else wait_status}")
-        return pb.ToolCallResult.FromString(base64.b64decode(reply))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-def join(socket_path: str, token: str, timeout: float = 10.0) -> str:
-    """Place the calling process itself (e.g. from a process about to exec the tool). Returns the call id."""
-    placement = Placement(socket_path, timeout)
-    try:
-        return placement.place(token)
-    finally:
-        placement.close()
+        for task in self._tasks:
+            task.cancel()

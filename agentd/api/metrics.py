@@ -7,7 +7,9 @@ per-session families agentd_session_* (bounded by [sessions] max_sessions); neve
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -17,8 +19,8 @@ from prometheus_client.registry import Collector
 from agentd.core.results import Outcome, Result
 from agentd.core.sessions import Priority
 from agentd.core.toolcalls import ToolCall
-from agentd.kernel import cgroupfs
 from agentd.kernel.bpf.libbpf import BpfError
+from agentd.kernel.bpf.lifecycle import ProcessCounters
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -38,7 +40,13 @@ class Metrics:
         r = self.registry
         self.started = Counter("agentd_tool_calls_started", "Tool calls begun", ["implicit"], registry=r)
         self.finished = Counter("agentd_tool_calls_finished", "Tool calls finished", ["outcome"], registry=r)
-        self.oom_kills = Counter("agentd_oom_kills", "Processes OOM-killed inside tool calls", registry=r)
+        self.oom_killed_calls = Counter(
+            "agentd_tool_calls_oom_killed", "Tool calls the kernel OOM-killed, by whose limit (oom_scope)",
+            ["scope"], registry=r,
+        )
+        self.oom_killed_processes = Counter(
+            "agentd_oom_killed_processes", "Processes the kernel OOM-killed inside tool calls, each once", registry=r
+        )
         self.duration = Histogram(
             "agentd_tool_call_duration_seconds", "Tool call duration (join to end)", buckets=DURATION_BUCKETS,
             registry=r,
@@ -82,7 +90,9 @@ class Metrics:
 
     def _finished(self, result: Result) -> None:
         (self._finished_by.get(result.outcome) or self.finished.labels(result.outcome.name.lower())).inc()
-        self.oom_kills.inc(result.memory_events.get("oom_kill", 0))
+        if result.outcome == Outcome.OOM_KILLED:
+            self.oom_killed_calls.labels(result.oom_scope.value).inc()
+        self.oom_killed_processes.inc(result.oom_killed_processes)
         self.network_denials.inc(result.network_denials)
         if result.started_unix:
             self.duration.observe(result.duration_seconds)
@@ -99,68 +109,80 @@ class Metrics:
             self._server.server_close()
 
 
+@dataclass(frozen=True)
+class _State:
+    """What a scrape needs from loop-owned state, copied on the event loop in one go."""
+
+    by_priority: dict[Priority, int]
+    active_calls: int
+    cgroups_alive: int
+    network_denials: dict[str, int]  # per session
+    process_counters: dict[str, ProcessCounters] | None  # per session; None without the lifecycle program
+    events_lost: int
+    map_use: tuple[int, int] | None  # the lifecycle program's `managed` map: entries, capacity
+
+
+def _state(engine: Engine) -> _State:
+    """Runs on the event loop, which owns the engine's dicts and the BPF maps."""
+    sessions = list(engine.sessions.values())
+    by_priority = dict.fromkeys((Priority.HIGH, Priority.NORMAL, Priority.LOW), 0)
+    for session in sessions:
+        by_priority[Priority(session.spec.priority or Priority.NORMAL)] += 1
+    tracking = engine.tracking
+    return _State(
+        by_priority=by_priority,
+        active_calls=len(engine.calls),
+        # supervisor/ + sessions/ + per session (itself + agent/) + one per call + spares made ahead
+        cgroups_alive=2 + 2 * len(sessions) + len(engine.calls) + len(engine.spares),
+        network_denials={s.id: s.network_denials for s in sessions},
+        process_counters=tracking.session_counters() if tracking.enabled else None,
+        events_lost=tracking.lost(),
+        map_use=tracking.map_use(),
+    )
+
+
 class _StateCollector(Collector):
-    """Gauges computed from the engine's state at scrape time."""
+    """Gauges computed from the engine's state at scrape time: the capabilities (fixed at start) here, the rest
+    from a copy made on the event loop (nothing of it if the loop does not answer in time)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.engine
-        sessions = list(engine.sessions.values())
-        calls = list(engine.calls.values())
-        by_priority = GaugeMetricFamily("agentd_sessions", "Sessions by priority", labels=["priority"])
-        for priority in (Priority.HIGH, Priority.NORMAL, Priority.LOW):
-            count = sum(
-                1 for s in sessions if (s.spec.priority or Priority.NORMAL) == priority
-            )
-            by_priority.add_metric([priority.name.lower()], count)
-        yield by_priority
-        yield GaugeMetricFamily("agentd_tool_calls_active", "Unfinished tool calls", value=len(calls))
-        # supervisor/ + sessions/ + per session (itself + agent/) + one per call + spares made ahead
-        yield GaugeMetricFamily(
-            "agentd_cgroups_alive", "cgroups agentd manages",
-            value=2 + 2 * len(sessions) + len(calls) + len(engine.spares),
-        )
+        caps = self.engine.caps
         enforced = GaugeMetricFamily(
             "agentd_controller_enforced", "1 if the controller is enforced for tool calls", labels=["controller"]
         )
-        for controller in cgroupfs.CONTROLLERS:
-            enforced.add_metric([controller], 1 if controller in engine.caps.enforced else 0)
+        for controller in sorted(caps.enforced | caps.missing):
+            enforced.add_metric([controller], 1 if controller in caps.enforced else 0)
         yield enforced
         bpf = GaugeMetricFamily("agentd_bpf_enabled", "1 if the BPF program is loaded", labels=["program"])
-        bpf.add_metric(["lifecycle"], 1 if engine.caps.bpf_lifecycle else 0)
-        bpf.add_metric(["netpolicy"], 1 if engine.caps.bpf_network else 0)
+        bpf.add_metric(["lifecycle"], 1 if caps.bpf_lifecycle else 0)
+        bpf.add_metric(["netpolicy"], 1 if caps.bpf_network else 0)
         yield bpf
-        if engine.caps.bpf_network:
+        state = self._on_loop(functools.partial(_state, self.engine))
+        if state is not None:
+            yield from self._engine_state(state)
+
+    def _engine_state(self, state: _State) -> Iterator[Metric]:
+        by_priority = GaugeMetricFamily("agentd_sessions", "Sessions by priority", labels=["priority"])
+        for priority, count in state.by_priority.items():
+            by_priority.add_metric([priority.name.lower()], count)
+        yield by_priority
+        yield GaugeMetricFamily("agentd_tool_calls_active", "Unfinished tool calls", value=state.active_calls)
+        yield GaugeMetricFamily("agentd_cgroups_alive", "cgroups agentd manages", value=state.cgroups_alive)
+        if self.engine.caps.bpf_network:
             denials = CounterMetricFamily(
                 "agentd_session_network_denials", "Connects/sends refused to a session's calls with network NONE",
                 labels=["session"],
             )
-            for session in sessions:
-                denials.add_metric([session.id], session.network_denials)
+            for session_id, count in state.network_denials.items():
+                denials.add_metric([session_id], count)
             yield denials
-        if engine.tracking.enabled:
-            yield from self._process_counters()
-
-    def _process_counters(self) -> Iterator[Metric]:
-        """Counters the lifecycle program keeps in kernel maps, read on the event loop (which owns them)."""
-        tracking = self.engine.tracking
-        lost = self._on_loop(tracking.lost)
-        per_session = self._on_loop(tracking.session_counters)
-        if lost is None or per_session is None:
-            return
-        yield CounterMetricFamily(
-            "agentd_bpf_events_lost", "Process events dropped because the ring buffer was full", value=lost
-        )
-        events = CounterMetricFamily(
-            "agentd_session_process_events", "Forks, execs and exits in a session's cgroups",
-            labels=["session", "event"],
-        )
-        for session_id, counters in per_session.items():
-            for event, value in (("fork", counters.forks), ("exec", counters.execs), ("exit", counters.exits)):
-                events.add_metric([session_id, event], value)
-        yield events
+        if state.map_use is not None:
+            yield from _map_use(*state.map_use)
+        if state.process_counters is not None:
+            yield from _process_counters(state)
 
     def _on_loop(self, read: Callable[[], T]) -> T | None:
         """read() run on the event loop; None if the loop does not answer in time (e.g. it is stopping)."""
@@ -172,3 +194,28 @@ class _StateCollector(Collector):
             return asyncio.run_coroutine_threadsafe(run(), self.engine.loop).result(LOOP_TIMEOUT_SECONDS)
         except (RuntimeError, TimeoutError, BpfError):
             return None
+
+
+def _map_use(entries: int, capacity: int) -> Iterator[Metric]:
+    """The lifecycle program's map of tracked cgroups (`managed`: agent/ leaves and running calls)."""
+    used = GaugeMetricFamily("agentd_bpf_map_entries", "Entries in a BPF map", labels=["map"])
+    used.add_metric(["managed"], entries)
+    yield used
+    size = GaugeMetricFamily("agentd_bpf_map_capacity", "Capacity of a BPF map (max_entries)", labels=["map"])
+    size.add_metric(["managed"], capacity)
+    yield size
+
+
+def _process_counters(state: _State) -> Iterator[Metric]:
+    """Counters the lifecycle program keeps in kernel maps."""
+    assert state.process_counters is not None
+    yield CounterMetricFamily(
+        "agentd_bpf_events_lost", "Process events dropped because the ring buffer was full", value=state.events_lost
+    )
+    events = CounterMetricFamily(
+        "agentd_session_process_events", "Forks, execs and exits in a session's cgroups", labels=["session", "event"],
+    )
+    for session_id, counters in state.process_counters.items():
+        for event, value in (("fork", counters.forks), ("exec", counters.execs), ("exit", counters.exits)):
+            events.add_metric([session_id, event], value)
+    yield events

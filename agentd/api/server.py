@@ -16,13 +16,14 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agentd.api import convert, join, sdnotify
+from agentd.api import convert, decoding, join, sdnotify
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.gen import agentd_pb2_grpc as pb_grpc
 from agentd.api.metrics import Metrics
 from agentd.api.servicer import Service
+from agentd.core import owners
 from agentd.core.capture import AutoCapture
-from agentd.core.config import Config
+from agentd.core.config import Config, describe
 from agentd.core.engine import Engine
 from agentd.core.programs import load_programs
 from agentd.core.reconcile import reconcile
@@ -62,7 +63,8 @@ def _secure(path: Path, mode: int, gid: int | None) -> None:
 async def _grpc_server(
     service: Service, socket_path: Path, mode: int, gid: int | None, max_connections: int
 ) -> grpc.aio.Server:
-    server = grpc.aio.server(options=[("grpc.max_allowed_incoming_connections", max_connections)])
+    server = grpc.aio.server(options=[("grpc.max_allowed_incoming_connections", max_connections)],
+                             interceptors=[decoding.RequestDecoding(pb.DESCRIPTOR.services_by_name.values())])
     if service.sandbox:
         pb_grpc.add_SandboxServicer_to_server(service, server)  # type: ignore[no-untyped-call]
         name = "agentd.v1.Sandbox"
@@ -113,6 +115,7 @@ async def serve(config: Config) -> None:
         join_server = join.JoinServer(
             loop, config.join_socket, lambda token, sender, target: engine.join(token, sender, target).id,
             end_from_join, engine.housekeeping_now, config.max_connections,
+            lambda pid, uid: owners.owner_of(engine.tree, pid, uid),
         )
         _secure(config.join_socket, 0o666, None)
         servers.append(
@@ -126,6 +129,7 @@ async def serve(config: Config) -> None:
         if config.metrics_address:
             metrics.serve(config.metrics_address)
         os.umask(old_umask)
+        log.info("effective configuration", extra={"config": describe(config)})
         log.info(
             "agentd ready",
             extra={

@@ -6,6 +6,7 @@ session token in metadata `x-agentd-session-token` and are confined to that sess
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -15,33 +16,21 @@ from typing import Any, TypeVar
 import grpc
 
 from agentd import __version__
-from agentd.api import convert
+from agentd.api import convert, status
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.api.join import JoinServer
+from agentd.api.join import HoldRefused, JoinServer
 from agentd.api.metrics import Metrics
-from agentd.core import errors
+from agentd.core import errors, observe
 from agentd.core.engine import Engine
 from agentd.core.results import ExitStatus, Result
 from agentd.core.sessions import Session
-from agentd.kernel import cgroupfs, psi
+from agentd.core.toolcalls import ToolCall
+from agentd.wire import PLACEMENT_METADATA, TOKEN_METADATA
 
 log = logging.getLogger(__name__)
 
-TOKEN_METADATA = "x-agentd-session-token"
-# Trailing metadata of a BeginToolCall refused because its held process could not be placed (the command
-# never ran), as opposed to the request itself being refused.
-PLACEMENT_METADATA = "x-agentd-placement"
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 10000
-
-STATUS_CODES: dict[type[errors.AgentdError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -49,25 +38,32 @@ Handler = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Re
 
 
 def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
-    """Map core errors to status codes and time every request."""
+    """Map errors to status codes (agentd.api.status) and time every request, under the code it was answered
+    with: anything unexpected is INTERNAL, logged with its traceback."""
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self: Service, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         start = time.perf_counter()
-        code = grpc.StatusCode.OK
+        code = grpc.StatusCode.UNKNOWN  # until answered
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
+            code = grpc.StatusCode.OK
+            return response
+        except asyncio.CancelledError:  # the client went away or the server is stopping
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:  # the method answered with a code of its own
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
         except errors.AgentdError as exc:
-            code = STATUS_CODES.get(type(exc), grpc.StatusCode.UNKNOWN)
-            await context.abort(code, str(exc))
-        except TimeoutError:
-            code = grpc.StatusCode.DEADLINE_EXCEEDED
-            await context.abort(code, "the tool call did not finish within the requested wait")
-        except cgroupfs.CgroupError as exc:
-            code = grpc.StatusCode.INTERNAL
-            log.error("cgroup operation failed", extra={"method": name, "error": str(exc)})
-            await context.abort(code, f"kernel refused: {exc}")
+            code = status.status_code(exc)
+            await context.abort(code, status.message(exc))
+        except Exception as exc:
+            code = status.status_code(exc)
+            log.error("request failed unexpectedly", exc_info=exc,
+                      extra={"method": name, "code": code.name, "error": status.message(exc)})
+            await context.abort(code, status.message(exc))
         finally:
             self.metrics.observe_request(name, code.name, time.perf_counter() - start)
         raise AssertionError("unreachable: abort raises")
@@ -105,8 +101,8 @@ class Service:
     def _session_pb(self, session: Session) -> pb.Session:
         return convert.session_to_pb(
             session,
-            len(cgroupfs.procs(session.agent_path)),
-            cgroupfs.memory_current(session.path),
+            observe.agent_processes(session),
+            observe.session_memory(session),
             session.cpu_weight(self.engine.config),
         )
 
@@ -139,7 +135,7 @@ class Service:
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.Status:
         self._scope(context)
         engine, caps = self.engine, self.engine.caps
-        pressure = [p for p in (psi.read_pressure(engine.tree.root, r) for r in psi.RESOURCES) if p]
+        pressure = observe.pressure(engine.tree.root)
         return pb.Status(
             version=__version__,
             cgroup_root=str(engine.tree.root),
@@ -174,7 +170,7 @@ class Service:
                         session, intent, request.report_exit, confined, (held.sender, pid)
                     )
                     held.placed(call.id)
-            except (errors.PermissionDenied, errors.FailedPrecondition):
+            except (errors.PermissionDenied, errors.FailedPrecondition, HoldRefused):
                 context.set_trailing_metadata(((PLACEMENT_METADATA, "refused"),))
                 raise
         else:
@@ -196,15 +192,18 @@ class Service:
 
     @rpc
     async def WaitToolCall(self, request: pb.WaitToolCallRequest, context: Any) -> pb.ToolCallResult:
-        if request.timeout_seconds < 0:
-            raise errors.InvalidArgument("timeout_seconds", "must not be negative")
-        result = await self.engine.wait_call(request.call_id, self._scope(context), request.timeout_seconds)
+        if not 0 <= request.timeout_seconds < float("inf"):  # NaN too: it would mean "wait forever"
+            raise errors.InvalidArgument("timeout_seconds", "must be a finite number >= 0 (0 = until it ends)")
+        try:
+            result = await self.engine.wait_call(request.call_id, self._scope(context), request.timeout_seconds)
+        except TimeoutError:
+            raise status.DeadlineExceeded("the tool call did not finish within the requested wait") from None
         return convert.result_to_pb(result)
 
     @rpc
     async def GetToolCall(self, request: pb.ToolCallRequest, context: Any) -> pb.ToolCallInfo:
         call = self.engine.active(request.call_id, self._scope(context))
-        return convert.call_to_pb(call, cgroupfs.memory_current(call.path), cgroupfs.procs(call.path))
+        return _call_pb(call)
 
     @rpc
     async def UpdateToolCall(self, request: pb.UpdateToolCallRequest, context: Any) -> pb.Limits:
@@ -221,7 +220,7 @@ class Service:
 
     async def _freeze(self, request: pb.ToolCallRequest, on: bool) -> pb.ToolCallInfo:
         call = await self.engine.freeze_call(request.call_id, on)
-        return convert.call_to_pb(call, cgroupfs.memory_current(call.path), cgroupfs.procs(call.path))
+        return _call_pb(call)
 
     @rpc
     async def FreezeToolCall(self, request: pb.ToolCallRequest, context: Any) -> pb.ToolCallInfo:
@@ -245,8 +244,13 @@ class Service:
         active = []
         if request.include_active:
             active = [
-                convert.call_to_pb(c, cgroupfs.memory_current(c.path), cgroupfs.procs(c.path))
+                _call_pb(c)
                 for c in self.engine.calls.values()
                 if session_id is None or c.session_id == session_id
             ]
         return pb.ListToolCallsResponse(finished=[convert.result_to_pb(r) for r in finished], active=active)
+
+
+def _call_pb(call: ToolCall) -> pb.ToolCallInfo:
+    usage = observe.call_usage(call)
+    return convert.call_to_pb(call, usage.memory_current, list(usage.procs))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -14,8 +13,9 @@ import grpc
 from google.protobuf import json_format
 
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.client import EXIT_NOT_STARTED, Client, RunError
+from agentd.client import Client, RunError
 from agentd.core.units import format_size, parse_size
+from agentd.launch import block_forwarded
 
 CPU_CLASSES = {"background": pb.CPU_CLASS_BACKGROUND, "normal": pb.CPU_CLASS_NORMAL,
                "interactive": pb.CPU_CLASS_INTERACTIVE}
@@ -131,18 +131,11 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         cpu_class=CPU_CLASSES[args.cpu], cpu_max_millicores=round(args.cpu_max * 1000), pids_max=args.pids_max,
         timeout_seconds=args.timeout, network=NETWORK[args.network], labels=_labels(args.label),
     )
-    # The child gets the terminal's signals itself; termination requests sent to agentctl are forwarded.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def forward(pid: int) -> None:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, lambda sig, _frame: os.kill(pid, sig))
-
     try:
-        outcome = client.run(argv, args.session, on_spawn=forward, **fields)
+        outcome = client.run(argv, args.session, forward_signals=True, **fields)
     except RunError as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_NOT_STARTED
+        return exc.exit_code
     if args.json:
         _print_json(outcome.result, sys.stderr)
     elif outcome.result.outcome not in (pb.OUTCOME_OK, pb.OUTCOME_EXITED):
@@ -210,6 +203,10 @@ def cmd_status(client: Client) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        # Termination signals wait for the relay, which passes them on to the tool: agentctl itself stays to
+        # report the end. Blocked before the client exists, so that gRPC's threads inherit the mask.
+        block_forwarded()
     client = Client.from_env(args.socket)
     try:
         if args.command == "run":

@@ -98,6 +98,7 @@ class Births:
             # (One that ran and ended since has CPU time here, and its populated notifications are queued.)
             self.discard(call)
             return None
+        self.placement.rank(session, pid)
         self._move_children(session, call, pid)
         call.capture = Capture(rule, latency, procs.anon_resident_bytes(pid))
         self._register(session, call)
@@ -118,6 +119,7 @@ class Births:
             if cgroupfs.cgroup_of_pid(self.tree.mount, child) == session.agent_path:
                 with contextlib.suppress(cgroupfs.CgroupError):  # it ended meanwhile
                     cgroupfs.move(call.path, child)
+                    self.placement.rank(session, child)
                 pending.extend(procs.children(child))
 
     def _new_call(

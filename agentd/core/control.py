@@ -9,8 +9,8 @@ import logging
 from dataclasses import replace
 
 from agentd.core.config import Config
-from agentd.core.errors import FailedPrecondition, InvalidArgument
-from agentd.core.intents import Limits, check_size
+from agentd.core.errors import FailedPrecondition
+from agentd.core.intents import Limits, validate_update
 from agentd.core.reap import Reaper
 from agentd.core.registry import Registry
 from agentd.core.results import ExitStatus, KillReason, Result
@@ -23,7 +23,6 @@ from agentd.kernel.capabilities import Capabilities
 log = logging.getLogger(__name__)
 
 FREEZE_WAIT_SECONDS = 2.0  # cgroup.freeze is asynchronous: how long FreezeToolCall waits for `frozen 1`
-MIN_CPU_MILLICORES = 10  # the kernel refuses a cpu.max quota below 1 ms per 100 ms period
 LIMIT_KNOBS_ORDER_LOWERING = ("memory.high", "memory.max", "cpu.max", "pids.max")
 LIMIT_KNOBS_ORDER_RAISING = ("memory.max", "memory.high", "cpu.max", "pids.max")
 
@@ -102,7 +101,7 @@ class Control:
         reclaims toward it."""
         call = self.registry.active(call_id, scope)
         budget = self.registry.session(call.session_id).spec.memory_budget
-        new = validated_update(call.limits, memory_high, memory_max, cpu_max, pids_max, budget, self.config)
+        new = validate_update(call.limits, memory_high, memory_max, cpu_max, pids_max, budget, self.config)
         usage = cgroupfs.memory_current(call.path)
         if memory_max and 0 <= new.memory_max < usage:
             throttle = replace(call.limits, memory_high=min(new.memory_max, call.limits.memory_high))
@@ -143,32 +142,3 @@ class Control:
             log.error("call limits not updated, restored", extra={"call": call.id, "error": str(exc),
                                                                    "restored": ",".join(written) or None})
             raise FailedPrecondition(f"the kernel refused the new limits ({exc}); the old ones stay") from exc
-
-
-def validated_update(
-    current: Limits, memory_high: int, memory_max: int, cpu_max: int, pids_max: int, budget: int, config: Config
-) -> Limits:
-    """The limits an UpdateToolCall asks for (0: unchanged), checked like an intent's; errors name the field."""
-    ceiling = config.memory_ceiling
-    check_size("memory_high_bytes", memory_high, ceiling)
-    check_size("memory_max_bytes", memory_max, ceiling)
-    if cpu_max < 0 or cpu_max > config.max_cpu_millicores:
-        raise InvalidArgument("cpu_max_millicores", f"must be between 0 and {config.max_cpu_millicores}")
-    if 0 < cpu_max < MIN_CPU_MILLICORES:
-        raise InvalidArgument("cpu_max_millicores", f"below the {MIN_CPU_MILLICORES} millicore minimum")
-    if pids_max < 0 or pids_max > config.max_pids:
-        raise InvalidArgument("pids_max", f"must be between 0 and {config.max_pids}")
-    new_max = memory_max or current.memory_max
-    new = replace(
-        current,
-        # Lowering memory.max alone pulls memory.high down with it.
-        memory_high=memory_high or min(current.memory_high, new_max),
-        memory_max=new_max,
-        cpu_max_millicores=cpu_max or current.cpu_max_millicores,
-        pids_max=pids_max or current.pids_max,
-    )
-    if budget and new.memory_max > budget:
-        raise InvalidArgument("memory_max_bytes", f"exceeds the session budget of {budget} bytes")
-    if new.memory_high > new.memory_max:
-        raise InvalidArgument("memory_high_bytes", "larger than memory.max")
-    return new

@@ -68,13 +68,14 @@ class Engine:
                                          self.spares)
         self.reaper = Reaper(caps, self.registry, records, self.tracking, self.network, self.housekeeping)
         self.running = Running(loop, config, self.registry, watcher, self.tracking, self.reaper)
-        self.placement = Placement(tree, self.registry, self.running)
+        self.placement = Placement(config, tree, self.registry, self.running)
         self.births = Births(config, tree, caps, self.registry, self.spares, self.tracking, self.network,
                              self.running, self.placement, self.housekeeping)
         self.control = Control(config, caps, self.registry, self.running, self.reaper)
         self.session_ops = SessionOps(config, tree, caps, self.registry, watcher, self.tracking, self.spares,
                                       self.running, self.housekeeping)
         self.on_begin = self.births.on_begin
+        self.on_begin.append(self.reaper.oom_witness.began)
         self.on_finish = self.housekeeping.on_finish
 
     @property

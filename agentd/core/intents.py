@@ -1,19 +1,21 @@
 """Intents (what an agent declares before a tool call), their validation, and the limits derived from them.
 
 Limits = intent ⊓ session budget ⊓ config. Validation rejects the whole intent with the first field that is
-wrong and why; nothing is created for an invalid intent.
+wrong and why; nothing is created for an invalid intent. UpdateToolCall's new limits are validated here too,
+by the same rules.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import ClassVar
 
 from agentd.core.config import Config
 from agentd.core.decode import decode, int_ranges
-from agentd.core.errors import InvalidArgument
+from agentd.core.errors import InvalidArgument, quote
 from agentd.core.units import format_size
 
 MAX_TOOL_LEN = 128
@@ -22,6 +24,10 @@ MAX_ARGV_BYTES = 128 * 1024
 MAX_LABELS = 32
 MAX_LABEL_KEY = 64
 MAX_LABEL_VALUE = 256
+MIN_CPU_MILLICORES = 10  # cpu.max quota of 1 ms per 100 ms period: the kernel refuses less (EINVAL)
+# Unicode category Cc: C0 controls, DEL and C1 controls (U+0085 is a line break to some readers, U+009B an
+# escape sequence introducer to some terminals).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 class MemoryClass(IntEnum):
@@ -110,22 +116,23 @@ def cpu_max_value(millicores: int) -> str:
 
 
 def check_text(field_name: str, value: str, max_len: int, *, allow_empty: bool = True) -> None:
-    """Reject control characters, overlong and (optionally) empty strings."""
+    """Reject control characters (C0, DEL, C1), overlong and (optionally) empty strings."""
     if not value and not allow_empty:
         raise InvalidArgument(field_name, "must not be empty")
     if len(value.encode()) > max_len:
         raise InvalidArgument(field_name, f"longer than {max_len} bytes")
-    for ch in value:
-        if ord(ch) < 0x20 or ord(ch) == 0x7F:
-            raise InvalidArgument(field_name, f"contains control character {ch!r}")
+    control = _CONTROL.search(value)
+    if control:
+        raise InvalidArgument(field_name, f"contains control character {control.group()!r}")
 
 
 def check_labels(field_name: str, labels: dict[str, str]) -> None:
     if len(labels) > MAX_LABELS:
         raise InvalidArgument(field_name, f"more than {MAX_LABELS} labels")
     for key, value in labels.items():
-        check_text(f"{field_name}[{key!r}]", key, MAX_LABEL_KEY, allow_empty=False)
-        check_text(f"{field_name}[{key!r}]", value, MAX_LABEL_VALUE)
+        where = f"{field_name}[{quote(key)}]"
+        check_text(where, key, MAX_LABEL_KEY, allow_empty=False)
+        check_text(where, value, MAX_LABEL_VALUE)
 
 
 def check_size(field_name: str, value: int, ceiling: int) -> None:
@@ -133,6 +140,19 @@ def check_size(field_name: str, value: int, ceiling: int) -> None:
         raise InvalidArgument(field_name, f"must not be negative, got {value}")
     if value > ceiling:
         raise InvalidArgument(field_name, f"{format_size(value)} exceeds the ceiling of {format_size(ceiling)}")
+
+
+def check_cpu_max(field_name: str, millicores: int, config: Config) -> None:
+    """0 (no cap), or MIN_CPU_MILLICORES up to the configured maximum."""
+    if millicores < 0 or millicores > config.max_cpu_millicores:
+        raise InvalidArgument(field_name, f"must be between 0 and {config.max_cpu_millicores}, got {millicores}")
+    if 0 < millicores < MIN_CPU_MILLICORES:
+        raise InvalidArgument(field_name, f"below the {MIN_CPU_MILLICORES} millicore minimum, got {millicores}")
+
+
+def check_pids(field_name: str, pids: int, config: Config) -> None:
+    if pids < 0 or pids > config.max_pids:
+        raise InvalidArgument(field_name, f"must be between 0 and {config.max_pids}, got {pids}")
 
 
 def check_enum(field_name: str, value: int, enum: type[IntEnum]) -> None:
@@ -160,14 +180,8 @@ def validate_intent(intent: Intent, config: Config) -> None:
     if intent.memory_max_bytes and intent.memory_max_bytes < intent.expected_memory_bytes:
         raise InvalidArgument("intent.memory_max_bytes", "smaller than expected_memory_bytes")
     check_enum("intent.cpu_class", intent.cpu_class, CpuClass)
-    if intent.cpu_max_millicores < 0 or intent.cpu_max_millicores > config.max_cpu_millicores:
-        raise InvalidArgument(
-            "intent.cpu_max_millicores", f"must be between 0 and {config.max_cpu_millicores}"
-        )
-    if 0 < intent.cpu_max_millicores < 10:
-        raise InvalidArgument("intent.cpu_max_millicores", "below the 10 millicore minimum")
-    if intent.pids_max < 0 or intent.pids_max > config.max_pids:
-        raise InvalidArgument("intent.pids_max", f"must be between 0 and {config.max_pids}")
+    check_cpu_max("intent.cpu_max_millicores", intent.cpu_max_millicores, config)
+    check_pids("intent.pids_max", intent.pids_max, config)
     timeout = intent.timeout_seconds
     if not math.isfinite(timeout) or timeout < 0 or timeout > config.max_timeout_seconds:
         raise InvalidArgument(
@@ -189,13 +203,16 @@ def class_bytes(memory_class: int, config: Config) -> int:
 
 
 def derive_limits(intent: Intent, config: Config, session_budget: int) -> Limits:
-    """memory.high from the expectation, memory.max from the declared hard limit or expected x ratio, both
-    capped by the session budget (0 = unlimited); CPU weight by class; pids and timeout from config."""
+    """memory.max = the declared hard limit, else expected x memory_max_ratio, capped by the session budget
+    (0 = none) and the memory ceiling; memory.high = the expectation (declared, else the class size), never
+    above memory.max: a call that declares only a hard limit below its class size gets high = max (it runs
+    unthrottled up to the limit it asked for). CPU weight by class; pids and timeout from config."""
     expected = intent.expected_memory_bytes or class_bytes(intent.memory_class, config)
     hard = intent.memory_max_bytes or int(expected * config.memory_max_ratio)
+    hard = min(hard, config.memory_ceiling)
     if session_budget:
         hard = min(hard, session_budget)
-        expected = min(expected, hard)
+    expected = min(expected, hard)
     weights = {
         CpuClass.BACKGROUND: config.cpu_weight_background,
         CpuClass.INTERACTIVE: config.cpu_weight_interactive,
@@ -209,3 +226,35 @@ def derive_limits(intent: Intent, config: Config, session_budget: int) -> Limits
         timeout_seconds=intent.timeout_seconds or config.default_timeout_seconds,
         network=intent.network or Network.ANY,
     )
+
+
+def validate_update(
+    current: Limits, memory_high: int, memory_max: int, cpu_max_millicores: int, pids_max: int, budget: int,
+    config: Config,
+) -> Limits:
+    """A running call's limits after UpdateToolCall (each 0 = unchanged), checked by the rules of intents; the
+    first wrong request field is named. Lowering memory.max alone pulls memory.high down with it; memory.high
+    <= memory.max <= session budget (0 = none) must hold. Pure: the caller writes the result (or nothing)."""
+    check_size("memory_high_bytes", memory_high, config.memory_ceiling)
+    check_size("memory_max_bytes", memory_max, config.memory_ceiling)
+    check_cpu_max("cpu_max_millicores", cpu_max_millicores, config)
+    check_pids("pids_max", pids_max, config)
+    new_max = memory_max or current.memory_max
+    if budget and memory_max > budget:
+        raise InvalidArgument("memory_max_bytes", f"{memory_max} exceeds the session budget of {budget} bytes "
+                                                  f"({format_size(budget)})")
+    if memory_high and new_max and memory_high > new_max:
+        raise InvalidArgument("memory_high_bytes", f"{memory_high} is above memory.max, {new_max} bytes "
+                                                   f"({format_size(new_max)})")
+    return replace(
+        current,
+        memory_high=memory_high or _lowest(current.memory_high, new_max),
+        memory_max=new_max,
+        cpu_max_millicores=cpu_max_millicores or current.cpu_max_millicores,
+        pids_max=pids_max or current.pids_max,
+    )
+
+
+def _lowest(a: int, b: int) -> int:
+    """The lower of two limits where 0 means none."""
+    return min(a, b) if a and b else a or b

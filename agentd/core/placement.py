@@ -9,18 +9,21 @@ from __future__ import annotations
 import logging
 import os
 
+from agentd.core.config import Config
 from agentd.core.errors import FailedPrecondition, PermissionDenied
 from agentd.core.registry import Registry
 from agentd.core.running import Running
+from agentd.core.sessions import Session
 from agentd.core.toolcalls import CallState, ToolCall
 from agentd.core.tree import Tree
-from agentd.kernel import cgroupfs
+from agentd.kernel import cgroupfs, procs
 
 log = logging.getLogger(__name__)
 
 
 class Placement:
-    def __init__(self, tree: Tree, registry: Registry, running: Running) -> None:
+    def __init__(self, config: Config, tree: Tree, registry: Registry, running: Running) -> None:
+        self.config = config
         self.tree = tree
         self.registry = registry
         self.running = running
@@ -48,6 +51,15 @@ class Placement:
             raise FailedPrecondition(f"could not place pid {pid}: {exc}") from exc
         if not self.running.populated(call):  # the kernel skips an exiting process without an error
             raise FailedPrecondition(f"could not place pid {pid}: it has exited")
+        self.rank(session, pid)
+
+    def rank(self, session: Session, pid: int) -> None:
+        """Give a placed process its session's oom_score_adj (before it execs the tool: what it forks inherits
+        it), so that an OOM kill above the calls takes lower priorities first."""
+        try:
+            procs.set_oom_score_adj(pid, session.oom_score_adj(self.config))
+        except OSError as exc:  # it exited meanwhile
+            log.debug("oom_score_adj not set", extra={"pid": pid, "error": str(exc)})
 
     def join(self, token: str, sender: int, target: int | None = None) -> ToolCall:
         """Place a process into the call its join token belongs to. `sender` is the pid the kernel reports for

@@ -6,6 +6,7 @@ Capabilities (GetStatus, metrics) and the daemon runs without that feature. clos
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from agentd.core.tree import Tree
@@ -33,6 +34,7 @@ class Programs:
 def load_programs(tree: Tree, caps: Capabilities) -> Programs:
     """Load what loads; note in caps what is on and why anything is off."""
     programs = Programs()
+    began = time.monotonic()
     try:
         programs.lifecycle = LifecycleTracker()
     except (BpfError, OSError) as exc:
@@ -43,6 +45,8 @@ def load_programs(tree: Tree, caps: Capabilities) -> Programs:
         _unavailable(caps, "netpolicy", "network intent NONE is not enforced", exc)
     caps.bpf_lifecycle = programs.lifecycle is not None
     caps.bpf_network = programs.network is not None
+    log.info("BPF programs loaded", extra={"lifecycle": caps.bpf_lifecycle, "network": caps.bpf_network,
+                                           "seconds": round(time.monotonic() - began, 4)})
     return programs
 
 

@@ -15,9 +15,18 @@ import time
 
 from agentd.core.housekeeping import Housekeeping
 from agentd.core.network import NetworkIntent
+from agentd.core.observe import OomWitness
 from agentd.core.records import RecordStore
 from agentd.core.registry import Registry
-from agentd.core.results import Result, classify, feedback, retryable
+from agentd.core.results import (
+    AncestorOoms,
+    Result,
+    classify,
+    feedback,
+    oom_scope,
+    processes_oom_killed,
+    retryable,
+)
 from agentd.core.toolcalls import CallState, ToolCall
 from agentd.core.tracking import Tracking
 from agentd.kernel import cgroupfs
@@ -46,6 +55,7 @@ class Reaper:
         self.tracking = tracking
         self.network = network
         self.housekeeping = housekeeping
+        self.oom_witness = OomWitness()  # its began() is an on_begin listener (engine.py)
 
     def finalise(self, call: ToolCall) -> Result | None:
         """Build the call's result and answer its waiters. Idempotent: None if it was finalised already."""
@@ -56,7 +66,7 @@ class Reaper:
             self.tracking.drain()  # the exit of the call's first process is in the ring buffer by now
         stats, counters, denials = self._evidence(call)
         result = build_result(call, stats, call.state != CallState.PENDING, denials,
-                              counters.forks if counters else -1, time.time())
+                              counters.forks if counters else -1, time.time(), self.oom_witness.ended(call))
         call.state = CallState.FINISHED
         session = self.registry.remove_call(call)
         if session is not None:
@@ -71,7 +81,8 @@ class Reaper:
             "exit_code": result.exit_status.code if result.exit_status else None,
             "exit_signal": result.exit_status.signal if result.exit_status else None,
             "kill_reason": call.kill_detail or None, "memory_peak": result.memory_peak,
-            "memory_max": call.limits.memory_max, "oom_kill": result.memory_events.get("oom_kill", 0),
+            "memory_max": call.limits.memory_max, "oom_scope": result.oom_scope.value,
+            "oom_killed_processes": result.oom_killed_processes,
             "duration_s": round(result.duration_seconds, 6), "pids_peak": result.pids_peak,
             "network_denials": result.network_denials,
         })
@@ -106,12 +117,14 @@ class Reaper:
 
 
 def build_result(
-    call: ToolCall, stats: cgroupfs.CgroupStats, ran: bool, denials: int, forks: int, ended: float
+    call: ToolCall, stats: cgroupfs.CgroupStats, ran: bool, denials: int, forks: int, ended: float,
+    ancestors: AncestorOoms | None = None,
 ) -> Result:
     """The result from the call's state and the kernel's evidence: the client's report of the exit status
     first, then the kernel's word on the first process."""
     exit_status = call.exit_status if call.exit_status is not None else call.kernel_exit
     outcome = classify(ran, stats, call.kill_reason, exit_status)
+    scope = oom_scope(outcome, stats.memory_events, ancestors)
     return Result(
         call_id=call.id,
         session_id=call.session_id,
@@ -130,12 +143,15 @@ def build_result(
         ended_unix=ended,
         limits=call.limits,
         not_enforced=call.not_enforced,
-        feedback=feedback(outcome, stats, call.limits, exit_status, call.not_enforced, call.kill_detail, denials),
-        retryable=retryable(outcome),
+        feedback=feedback(outcome, stats, call.limits, exit_status, call.not_enforced, call.kill_detail, denials,
+                          scope, ancestors),
+        retryable=retryable(outcome, scope),
         implicit=call.implicit,
         labels=dict(call.intent.labels),
         kill_reason=call.kill_detail,
         network_denials=denials,
         forks=forks,
         capture=call.capture,
+        oom_scope=scope,
+        oom_killed_processes=processes_oom_killed(stats.memory_events),
     )

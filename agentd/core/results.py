@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any, ClassVar
 
 from agentd.core.decode import decode, int_ranges
@@ -31,6 +32,28 @@ class KillReason(IntEnum):
     TIMEOUT = 1
     POLICY = 2
     CANCELLED = 3
+
+
+class OomScope(Enum):
+    """Whose memory limit made the kernel OOM-kill a call, from its memory.events and its ancestors'."""
+
+    NONE = "none"  # not OOM-killed
+    CALL = "call"  # its own memory.max: retrying unchanged fails the same way
+    SESSION = "session"  # its session's budget (the session's memory.max), shared with the agent and its calls
+    SESSIONS = "sessions"  # agentd's sessions/ limit, shared by every session
+    HOST = "host"  # above agentd: the host ran out, or a limit on agentd's own cgroup
+    ANCESTOR = "ancestor"  # not its own limit; which ancestor is unknown (no evidence from when the call began)
+
+
+@dataclass(frozen=True)
+class AncestorOoms:
+    """OOM kills invoked at the call's ancestors' limits while it ran (their memory.events.local `oom` rose),
+    and those limits (-1: none). Read by core/observe.py; None of it known for calls adopted after a restart."""
+
+    session: int = 0
+    sessions: int = 0
+    session_limit: int = -1
+    sessions_limit: int = -1
 
 
 KILL_OUTCOME = {
@@ -92,10 +115,14 @@ class Result:
     network_denials: int = 0
     forks: int = -1  # processes forked inside the call, from the lifecycle program; -1 = not tracked
     capture: Capture | None = None
+    oom_scope: OomScope = OomScope.NONE
+    oom_killed_processes: int = 0  # each once (memory.events oom_kill counts a group's chosen victim twice)
+    JSON_RANGES: ClassVar = int_ranges(oom_killed_processes=(0, (1 << 31) - 1))
 
     def to_json(self) -> dict[str, Any]:
         data = dict(vars(self))
         data["outcome"] = self.outcome.name
+        data["oom_scope"] = self.oom_scope.name
         data["argv"] = list(self.argv)
         data["not_enforced"] = list(self.not_enforced)
         data["limits"] = self.limits.to_json()
@@ -121,6 +148,33 @@ def classify(ran: bool, stats: CgroupStats, kill: KillReason, exit_status: ExitS
     return Outcome.OK if exit_status == ExitStatus(0, 0) else Outcome.FAILED
 
 
+def oom_scope(outcome: Outcome, events: Mapping[str, int], ancestors: AncestorOoms | None) -> OomScope:
+    """Whose limit OOM-killed the call. Its own if the OOM killer was invoked at its own memory.max (`oom` in
+    its memory.events: a leaf's events are its own); else the nearest ancestor whose limit invoked it while the
+    call ran (a kill from there leaves the call's `max` and `oom` at 0 and only raises its `oom_kill`)."""
+    if outcome != Outcome.OOM_KILLED:
+        return OomScope.NONE
+    if events.get("oom", 0) > 0:
+        return OomScope.CALL
+    if ancestors is None:
+        return OomScope.ANCESTOR
+    if ancestors.session > 0:
+        return OomScope.SESSION
+    if ancestors.sessions > 0:
+        return OomScope.SESSIONS
+    return OomScope.HOST
+
+
+def processes_oom_killed(events: Mapping[str, int]) -> int:
+    """Processes the kernel OOM-killed in the call, each counted once. With memory.oom.group the kernel counts
+    `oom_kill` for the victim it chose, then again for every process of the group while killing the group, the
+    victim included (it is still exiting): one too many per group kill (`oom_group_kill`)."""
+    kills = events.get("oom_kill", 0)
+    if kills <= 0:
+        return 0
+    return max(1, kills - events.get("oom_group_kill", 0))
+
+
 def feedback(
     outcome: Outcome,
     stats: CgroupStats,
@@ -129,19 +183,18 @@ def feedback(
     not_enforced: tuple[str, ...],
     kill_detail: str,
     network_denials: int,
+    scope: OomScope | None = None,
+    ancestors: AncestorOoms | None = None,
 ) -> str:
-    """One paragraph: what happened, which limit, the peak, and a concrete next step."""
+    """One paragraph: what happened, which limit, the peak, and a concrete next step. `scope` defaults to what
+    the call's own memory.events say (its own limit, or an unnamed ancestor's)."""
     peak = format_size(stats.memory_peak) if stats.memory_peak >= 0 else "not measured on this kernel"
     high_events = stats.memory_events.get("high", 0)
     parts: list[str] = []
     if outcome == Outcome.OOM_KILLED:
-        parts.append(
-            f"The tool call was OOM-killed: it reached its hard memory limit of {format_size(limits.memory_max)} "
-            f"(memory.max; peak {peak}), and the kernel killed the whole call. Retrying it unchanged will fail "
-            f"the same way. Run a narrower selection instead (for tests: one file, -k EXPR or -x; for builds: "
-            f"fewer parallel jobs such as -j1), or declare more memory (memory_max_bytes of at least "
-            f"{format_size(limits.memory_max * 2)}) if the session budget allows it."
-        )
+        if scope is None:
+            scope = oom_scope(outcome, stats.memory_events, None)
+        parts.append(_oom_feedback(scope, limits, peak, ancestors or AncestorOoms()))
     elif outcome == Outcome.TIMEOUT:
         parts.append(
             f"The tool call ran past its timeout of {limits.timeout_seconds:g} s and was killed together with "
@@ -179,6 +232,45 @@ def feedback(
     return " ".join(parts)
 
 
-def retryable(outcome: Outcome) -> bool:
-    """Whether retrying the same call unchanged can succeed: not after OOM, timeout or the command's failure."""
+def _oom_feedback(scope: OomScope, limits: Limits, peak: str, ancestors: AncestorOoms) -> str:
+    own = format_size(limits.memory_max) if limits.memory_max else "none"
+    if scope == OomScope.CALL:
+        return (
+            f"The tool call was OOM-killed at its own hard memory limit of {own} (memory.max; peak {peak}): "
+            f"the kernel killed the whole call. Retrying it unchanged will fail the same way. Run a narrower "
+            f"selection instead (for tests: one file, -k EXPR or -x; for builds: fewer parallel jobs such as "
+            f"-j1), or declare more memory (memory_max_bytes of at least {format_size(limits.memory_max * 2)}) "
+            f"if the session budget allows it."
+        )
+    below = f"It stayed within its own limit of {own} (peak {peak}), so it was not the call's own doing"
+    if scope == OomScope.SESSION:
+        return (
+            f"The tool call was OOM-killed because its session ran out of its memory budget"
+            f"{_of(ancestors.session_limit)} (the session's memory.max, shared by the agent and all its tool "
+            f"calls), an ancestor's limit, not the call's. {below}. It can be retried once the session's other "
+            f"calls have finished or use less; declare its memory honestly (expected_memory_bytes) so the "
+            f"session's calls fit the budget together."
+        )
+    if scope == OomScope.SESSIONS:
+        where = f"agentd's limit for all sessions together{_of(ancestors.sessions_limit)} (sessions/ memory.max)"
+    elif scope == OomScope.HOST:
+        where = "the host's memory (or a limit above agentd's sessions)"
+    else:
+        where = "an ancestor's memory limit (the session budget, the limit for all sessions, or the host)"
+    return (
+        f"The tool call was OOM-killed because {where} ran out, an ancestor's limit, not the call's. {below}. "
+        f"It can be retried later, when the host has room; declare its memory honestly "
+        f"(expected_memory_bytes) so agentd can place it."
+    )
+
+
+def _of(limit: int) -> str:
+    return f" of {format_size(limit)}" if limit >= 0 else ""
+
+
+def retryable(outcome: Outcome, scope: OomScope = OomScope.CALL) -> bool:
+    """Whether retrying the same call unchanged can succeed: not after a timeout, the command's own failure, or
+    an OOM kill at the call's own limit; yes after an OOM kill at an ancestor's limit (once there is room)."""
+    if outcome == Outcome.OOM_KILLED:
+        return scope not in (OomScope.CALL, OomScope.NONE)
     return outcome in (Outcome.OK, Outcome.EXITED, Outcome.KILLED_BY_POLICY, Outcome.CANCELLED)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AGENT_LEAF = "agent"
+MAX_PIDS_BUDGET = 4194304  # the kernel's PID_MAX_LIMIT: no pids.max above it means anything
 
 
 class CaptureMode(IntEnum):
@@ -68,8 +69,8 @@ def validate_spec(spec: SessionSpec, config: Config) -> None:
         raise InvalidArgument("spec.memory_protected_bytes", "only HIGH priority sessions get protected memory")
     if spec.memory_budget and spec.memory_protected > spec.memory_budget:
         raise InvalidArgument("spec.memory_protected_bytes", "larger than the memory budget")
-    if spec.pids_budget < 0 or spec.pids_budget > 4194304:
-        raise InvalidArgument("spec.pids_budget", "must be between 0 and 4194304")
+    if spec.pids_budget < 0 or spec.pids_budget > MAX_PIDS_BUDGET:
+        raise InvalidArgument("spec.pids_budget", f"must be between 0 and {MAX_PIDS_BUDGET}, got {spec.pids_budget}")
     check_labels("spec.labels", spec.labels)
     check_enum("spec.capture", spec.capture, CaptureMode)
 
@@ -106,6 +107,13 @@ class Session:
             Priority.HIGH: config.cpu_weight_high,
             Priority.LOW: config.cpu_weight_low,
         }.get(Priority(self.spec.priority), config.cpu_weight_session_normal)
+
+    def oom_score_adj(self, config: Config) -> int:
+        """What its tool-call processes get: the kernel's OOM killer picks lower priorities first."""
+        return {
+            Priority.HIGH: config.oom_score_adj_high,
+            Priority.LOW: config.oom_score_adj_low,
+        }.get(Priority(self.spec.priority), config.oom_score_adj_normal)
 
     def knobs(self, config: Config) -> dict[str, str]:
         spec = self.spec

@@ -8,12 +8,15 @@ a call the exit status of its first process; an exec in an agent leaf goes to on
 at once if its basename was given to wake_on_exec_of, otherwise whenever the events are next read.
 Per-session fork/exec/exit counts add the kernel's per-cgroup counters, those of ended calls included.
 
-Without the program (tracker None) every method is a no-op and nothing is counted.
+Without the program (tracker None) every method is a no-op and nothing is counted. When the kernel's map
+of tracked cgroups is full, a new session or call runs untracked (no exit status from the kernel, no process
+counts, no auto-capture): one error is logged when that starts, and again only after an add succeeded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Callable, Iterable
 
@@ -43,6 +46,7 @@ class Tracking:
         self._session_of: dict[int, str] = {}  # session id of every tracked cgroup id
         self._ended: dict[str, ProcessCounters] = {}  # per tracked session: counts of its ended calls
         self.on_agent_exec: ExecListener | None = None
+        self._full_logged = False  # the "map is full" error was logged and no add succeeded since
         if tracker is not None:
             loop.add_reader(tracker.epoll_fd(), self.drain)
 
@@ -125,6 +129,10 @@ class Tracking:
                     totals[session_id] = _add(totals[session_id], counters)
         return totals
 
+    def map_use(self) -> tuple[int, int] | None:
+        """Cgroups in the kernel's map of tracked cgroups, and its capacity; None without the program."""
+        return self._tracker.managed_use() if self._tracker is not None else None
+
     def lost(self) -> int:
         """Events the kernel dropped because the ring buffer was full."""
         return self._tracker.lost() if self._tracker is not None else 0
@@ -138,11 +146,28 @@ class Tracking:
             return False
         try:
             self._tracker.add_cgroup(cgroup_id, kind)
-        except BpfError as exc:  # e.g. the map is full
-            log.error("cgroup not tracked", extra={"cgroup_id": cgroup_id, "error": str(exc)})
+        except BpfError as exc:
+            self._not_tracked(cgroup_id, session_id, exc)
             return False
+        self._full_logged = False
         self._session_of[cgroup_id] = session_id
         return True
+
+    def _not_tracked(self, cgroup_id: int, session_id: str, exc: BpfError) -> None:
+        assert self._tracker is not None
+        if exc.errno != errno.E2BIG:
+            log.error("cgroup not tracked", extra={"cgroup_id": cgroup_id, "session": session_id, "error": str(exc)})
+            return
+        if self._full_logged:
+            return
+        self._full_logged = True
+        entries, capacity = self._tracker.managed_use()
+        log.error(
+            "the lifecycle map of tracked cgroups is full: new sessions and calls run untracked (no kernel exit "
+            "status, process counts or auto-capture) until some end; raise MANAGED_MAX_ENTRIES in "
+            "bpf/lifecycle.bpf.c",
+            extra={"cgroup_id": cgroup_id, "session": session_id, "entries": entries, "capacity": capacity},
+        )
 
     def _unmanage(self, cgroup_id: int) -> None:
         assert self._tracker is not None

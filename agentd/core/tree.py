@@ -63,7 +63,7 @@ def set_up(setting: str) -> tuple[Tree, Capabilities]:
     root, delegated = choose_root(setting, mount)
     tree = Tree(mount, root)
     if not delegated:
-        root.mkdir(parents=True, exist_ok=True)
+        cgroupfs.ensure(root, parents=True)
         _enable_parent_chain(mount, root)
     cgroupfs.ensure(tree.supervisor)
     cgroupfs.move(tree.supervisor, os.getpid())
@@ -78,7 +78,6 @@ def set_up(setting: str) -> tuple[Tree, Capabilities]:
         missing=missing,
         psi_triggers=psi.triggers_supported(root),
         sched_ext=probe_sched_ext(),
-        memory_peak="memory" in enabled,
         favordynmods="favordynmods" in options,
     )
     if missing:

@@ -17,7 +17,6 @@ class Capabilities:
     missing: set[str]            # wanted controllers that are not available on cgroup v2 here
     psi_triggers: bool
     sched_ext: bool
-    memory_peak: bool = False    # memory.peak exists (kernel >= 5.19 with the memory controller)
     favordynmods: bool = False   # cgroup2 mounted with favordynmods: moving a process never waits for RCU
     warnings: list[str] = field(default_factory=list)
     bpf_lifecycle: bool = False  # the lifecycle BPF program is loaded and attached

@@ -1,4 +1,4 @@
-"""Reads of /proc about one process: its children, and the anonymous memory it has resident."""
+"""/proc about one process: its children, the anonymous memory it has resident, its oom_score_adj."""
 
 from __future__ import annotations
 
@@ -31,3 +31,14 @@ def anon_resident_bytes(pid: int) -> int:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return -1
+
+
+def set_oom_score_adj(pid: int, value: int) -> None:
+    """How eagerly the kernel's OOM killer picks the process (-1000..1000); children inherit it at fork."""
+    with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+        f.write(str(value))
+
+
+def oom_score_adj(pid: int) -> int:
+    with open(f"/proc/{pid}/oom_score_adj", "rb") as f:
+        return int(f.read())

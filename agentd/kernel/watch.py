@@ -1,4 +1,4 @@
-"""One epoll for kernfs notifications (cgroup.events, memory.events, PSI triggers), driven by asyncio.
+"""One epoll for kernfs notifications (cgroup.events, memory.events), driven by asyncio.
 
 kernfs files signal a change with EPOLLPRI (plus EPOLLERR); the epoll fd itself becomes readable, so the
 asyncio loop watches that single fd and dispatches to per-file callbacks. A callback must re-read its file
@@ -25,11 +25,11 @@ class Watcher:
         self._callbacks: dict[int, Callback] = {}
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
-    def watch(self, path: Path, callback: Callback, mask: int = select.EPOLLPRI, *, write: bool = False) -> int:
-        """Register a file; return its fd, the handle for unwatch(). `write` opens it for triggers (PSI)."""
-        fd = os.open(path, (os.O_RDWR | os.O_NONBLOCK if write else os.O_RDONLY) | os.O_CLOEXEC)
+    def watch(self, path: Path, callback: Callback) -> int:
+        """Register a file for its change notifications (EPOLLPRI); return its fd, the handle for unwatch()."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self._epoll.register(fd, mask)
+            self._epoll.register(fd, select.EPOLLPRI)
         except OSError:
             os.close(fd)
             raise

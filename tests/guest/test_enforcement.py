@@ -128,7 +128,7 @@ def test_pids_max_stops_a_fork_bomb(daemon: Daemon, session: tuple[str, str]) ->
 def _spawn_joined(begun: pb.BeginToolCallResponse, argv: list[str]) -> subprocess.Popen[bytes]:
     """Start argv with stdout captured, joined to the call before exec (placement through the join socket)."""
     code = (
-        "import os, sys; from agentd.api.join import join; "
+        "import os, sys; from agentd.joinclient import join; "
         f"join({begun.join_socket!r}, {begun.join_token!r}); os.execv(sys.argv[1], sys.argv[1:])"
     )
     return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,

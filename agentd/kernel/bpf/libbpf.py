@@ -42,6 +42,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map__fd": (ctypes.c_int, [_ptr]),
     "bpf_map__key_size": (ctypes.c_uint32, [_ptr]),
     "bpf_map__value_size": (ctypes.c_uint32, [_ptr]),
+    "bpf_map__max_entries": (ctypes.c_uint32, [_ptr]),
     "bpf_map__lookup_elem": (ctypes.c_int, [_ptr, _ptr, _size, _ptr, _size, ctypes.c_uint64]),
     "bpf_map__update_elem": (ctypes.c_int, [_ptr, _ptr, _size, _ptr, _size, ctypes.c_uint64]),
     "bpf_map__delete_elem": (ctypes.c_int, [_ptr, _ptr, _size, ctypes.c_uint64]),
@@ -232,6 +233,7 @@ class Map:
         lib = _lib()
         self.key_size: int = lib.bpf_map__key_size(handle)
         self.value_size: int = lib.bpf_map__value_size(handle)
+        self.max_entries: int = lib.bpf_map__max_entries(handle)
 
     @property
     def fd(self) -> int:

@@ -1,10 +1,10 @@
 """Process lifecycle (fork, exec, exit) of managed cgroups, reported by bpf/lifecycle.bpf.c.
 
-The kernel side drops events of cgroups not added with add_cgroup(). Forks are new processes (not
-threads) and report the child; exits are thread-group leaders' (a leader that ends with pthread_exit
-while other threads run is reported then). Exec events carry what a capture rule needs: the new comm,
-the exec'd filename, the start of argv and the parent's pid and comm. Timestamps are CLOCK_MONOTONIC ns
-(time.monotonic_ns()).
+The kernel side drops events of cgroups not added with add_cgroup(). Execs and exits are reported as
+events; forks (new processes, not threads) are only counted. Exits are thread-group leaders' (a leader
+that ends with pthread_exit while other threads run is reported then). Exec events carry what a capture
+rule needs: the new comm, the exec'd filename, the start of argv and the parent's pid and comm. Timestamps
+are CLOCK_MONOTONIC ns (time.monotonic_ns()).
 
 Wakeups: only an exec in an AGENT_LEAF cgroup of a file whose basename was given to set_wake_names()
 makes epoll_fd() readable at once (until it is first called, every exec in an AGENT_LEAF does). Other
@@ -15,6 +15,9 @@ when a name sharing those was given: a spurious wakeup at worst, never a missed 
 the buffer before the process that caused it moves on (a parent's wait() for an exit returns after the
 exit event, and so does a cgroup becoming unpopulated), so call consume() before acting on such a state
 change.
+
+The `managed` map holds at most MANAGED_MAX_ENTRIES cgroups (bpf/lifecycle.bpf.c; managed_use() reads the
+loaded map's capacity); add_cgroup() beyond that raises BpfError with errno E2BIG.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ _WAKE_NAMES_MAX = 1024  # max_entries of wake_names
 
 
 class EventType(enum.IntEnum):
-    FORK = 1
     EXEC = 2
     EXIT = 3
 
@@ -66,7 +68,7 @@ class ProcessEvent:
     timestamp_ns: int
     cgroup_id: int
     cgroup_kind: CgroupKind
-    pid: int  # FORK: the child
+    pid: int
     tgid: int
     ppid: int  # the parent process (real_parent's tgid)
     comm: str  # EXEC: the new comm
@@ -121,6 +123,7 @@ class LifecycleTracker(Closing):
     def __init__(self, path: Path | None = None) -> None:
         self._obj = BpfObject(path or object_path("lifecycle"))
         self._pending: list[ProcessEvent] = []
+        self._managed_ids: set[int] = set()  # the keys of `managed`: this object is its only writer
         self._wake_keys: set[bytes] = set()
         try:
             self._managed = self._obj.map("managed", _KEY.size, _MANAGED.size)
@@ -137,10 +140,16 @@ class LifecycleTracker(Closing):
     def add_cgroup(self, cgroup_id: int, kind: CgroupKind) -> None:
         """Report this cgroup's processes from now on (its counters start at zero)."""
         self._managed.update(_KEY.pack(cgroup_id), _MANAGED.pack(kind, 0, 0, 0))
+        self._managed_ids.add(cgroup_id)
 
     def remove_cgroup(self, cgroup_id: int) -> bool:
         """Stop reporting the cgroup and drop its counters; False if it was not managed."""
+        self._managed_ids.discard(cgroup_id)
         return self._managed.delete(_KEY.pack(cgroup_id))
+
+    def managed_use(self) -> tuple[int, int]:
+        """Entries in the `managed` map, and its capacity."""
+        return len(self._managed_ids), self._managed.max_entries
 
     def set_wake_names(self, names: Iterable[str]) -> None:
         """From now on, an exec in an agent leaf wakes the consumer at once only when the basename of the

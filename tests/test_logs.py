@@ -1,0 +1,41 @@
+"""The journal tells a call's story: the effective configuration at start, then one structured line per decision
+with the numbers that drove it (real daemon, its JSON log lines)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from support import Daemon, create_session, wait_for
+
+
+def lines(daemon: Daemon) -> list[dict[str, Any]]:
+    out = []
+    for raw in daemon.log.read_text().splitlines():
+        try:
+            out.append(json.loads(raw))
+        except ValueError:
+            continue  # not ours (e.g. a library writing to stderr)
+    return out
+
+
+def test_the_journal_tells_a_calls_story(daemon: Daemon) -> None:
+    config = [line for line in lines(daemon) if line["msg"] == "effective configuration"]
+    assert len(config) >= 1
+    effective = config[-1]["config"]
+    assert isinstance(effective, dict) and effective["limits.memory_ceiling"] > 0
+    assert effective["api.join_socket"] == str(daemon.join_socket)
+    with daemon.admin() as admin:
+        sid, _ = create_session(admin, "story", memory_budget_bytes=512 << 20)
+        done = admin.run(["sh", "-c", "exit 3"], sid, memory_max_bytes=1 << 30, timeout_seconds=30)
+        call = done.result.call_id
+        wait_for(lambda: any(line.get("call") == call and line["msg"] == "call finished" for line in lines(daemon)))
+        story = [line for line in lines(daemon) if line.get("call") == call or line.get("session") == sid]
+    created = next(line for line in story if line["msg"] == "session created")
+    assert created["memory_budget"] == 512 << 20
+    begun = next(line for line in story if line["msg"] == "call begun")
+    assert begun["declared_memory_max"] == 1 << 30 and begun["memory_max"] == 512 << 20
+    assert begun["capped"] == "memory_max" and begun["timeout_s"] == 30
+    finished = next(line for line in story if line["msg"] == "call finished")
+    assert (finished["outcome"], finished["exit_code"]) == ("FAILED", 3)
+    assert finished["duration_s"] >= 0 and "memory_peak" in finished
