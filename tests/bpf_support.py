@@ -6,7 +6,6 @@ the clean-up.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import subprocess
@@ -55,15 +54,13 @@ def popen_in_cgroup(cgroup: Path, argv: Sequence[str]) -> subprocess.Popen[bytes
     return subprocess.Popen(argv, preexec_fn=lambda: procs.write_text(str(os.getpid())))
 
 
-def run_in_cgroup(cgroup: Path, action: Callable[[], int], *, new_netns: bool = False) -> int:
-    """Fork, move the child into cgroup (optionally into a fresh network namespace first), run action there;
-    returns its result, passed back as the child's exit status (0..255)."""
+def run_in_cgroup(cgroup: Path, action: Callable[[], int]) -> int:
+    """Fork, move the child into cgroup, run action there; returns its result, passed back as the child's exit
+    status (0..255)."""
     pid = os.fork()
     if pid == 0:
         status = 255
         try:
-            if new_netns:
-                _unshare_netns()
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
             status = action()
         finally:
@@ -95,12 +92,6 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-def _unshare_netns() -> None:
-    clone_newnet = 0x40000000
-    if ctypes.CDLL(None, use_errno=True).unshare(clone_newnet) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
 
 
 @requires_root

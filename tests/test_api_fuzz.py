@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +33,9 @@ _INT_RANGES = {
     FieldDescriptor.TYPE_UINT32: (0, (1 << 32) - 1),
     FieldDescriptor.TYPE_UINT64: (0, (1 << 64) - 1),
 }
-_EDGES = st.sampled_from([0, 1, -1, 4096, 1 << 20, 1 << 30, 1 << 40, (1 << 62)])
+# Values at the edges of what agentd and the kernel accept: the 10-millicore minimum (cpu.max quotas below 1 ms
+# per 100 ms period are EINVAL), a page, sizes, the int64 limits.
+_EDGES = st.sampled_from([0, 1, -1, 9, 10, 11, 999, 1000, 4095, 4096, 1 << 20, 1 << 30, 1 << 40, 1 << 62])
 
 
 def _scalar(field: FieldDescriptor, likely: dict[str, str]) -> st.SearchStrategy[Any]:
@@ -48,7 +52,8 @@ def _scalar(field: FieldDescriptor, likely: dict[str, str]) -> st.SearchStrategy
         return st.integers(-2, len(field.enum_type.values) + 1)  # proto3 enums are open: unknown values pass
     if kind in _INT_RANGES:
         low, high = _INT_RANGES[kind]
-        return st.one_of(_EDGES.filter(lambda v: low <= v <= high), st.integers(low, high))
+        return st.one_of(_EDGES.filter(lambda v: low <= v <= high), st.integers(max(low, -2), 12),
+                         st.integers(low, high))
     raise NotImplementedError(f"no strategy for field {field.full_name}")
 
 
@@ -95,20 +100,26 @@ def sandbox(daemon: Daemon, admin: Client) -> Iterator[tuple[str, Client]]:
 
 
 @contextlib.contextmanager
-def pending_call(client: Client, session_id: str) -> Iterator[str]:
-    """A call not joined yet, in a session that exists (made again if a fuzzed DeleteSession removed it)."""
+def target_call(client: Client, session_id: str, running: bool = False) -> Iterator[str]:
+    """A call to aim requests at, in a session that exists (made again if a fuzzed DeleteSession removed it):
+    not joined yet, or with `running` a `sleep` placed in it."""
     if session_id == FUZZ_SESSION:
         with contextlib.suppress(grpc.RpcError):
             create_session(client, FUZZ_SESSION)
-    call_id = client.begin(pb.Intent(tool="target"), session_id, report_exit=False).call_id
+    begun = client.begin(pb.Intent(tool="target"), session_id, report_exit=False)
+    pid = client.spawn(begun, ["sleep", "600"]) if running else None
     try:
-        yield call_id
+        yield begun.call_id
     finally:
         with contextlib.suppress(grpc.RpcError):  # ended, killed or deleted by the request
-            client.end(call_id, None)
+            client.end(begun.call_id, None)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
-def _answer(client: Client, verb: str, request: Any) -> grpc.StatusCode:
+def answer(client: Client, verb: str, request: Any) -> grpc.StatusCode:
     try:
         client.call(verb, request, timeout=10)
     except grpc.RpcError as exc:
@@ -116,15 +127,21 @@ def _answer(client: Client, verb: str, request: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def _fuzz_one(client: Client, verbs: list[Any], session_id: str, data: st.DataObject) -> None:
+def fuzz_one(
+    client: Client, verbs: list[Any], session_id: str, data: st.DataObject, pinned: tuple[str, ...] = (),
+    running: bool = False,
+) -> None:
+    """One fuzzed request of one of `verbs`, aimed at a target call (`running`: see target_call); the fields named
+    in `pinned` always name the session and the target call (the rest of the request is fuzzed)."""
     method = data.draw(st.sampled_from(verbs), label="verb")
-    with pending_call(client, session_id) as call_id:
+    with target_call(client, session_id, running) as call_id:
         likely = {"session_id": session_id, "id": session_id, "call_id": call_id}
         kwargs = data.draw(messages(method.input_type, likely), label="request")
+        kwargs.update({name: likely[name] for name in pinned if name in method.input_type.fields_by_name})
         if method.name == "WaitToolCall":  # a wait on a real call blocks as long as asked (0: for ever)
             kwargs["timeout_seconds"] = min(abs(kwargs.get("timeout_seconds", 0.0)), 0.05) or 0.05
         kwargs.pop("held_process", None)  # agentd waits 5 s for a HOLD; test_held_process_refusals covers it
-        code = _answer(client, method.name, _build(method.input_type, kwargs))
+        code = answer(client, method.name, _build(method.input_type, kwargs))
     event(f"{method.name} {code.name}")
     assert code == grpc.StatusCode.OK or code in EXPECTED_CODES, (method.name, kwargs, code)
 
@@ -132,14 +149,14 @@ def _fuzz_one(client: Client, verbs: list[Any], session_id: str, data: st.DataOb
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_admin_requests_get_a_defined_answer(admin: Client, data: st.DataObject) -> None:
-    _fuzz_one(admin, ADMIN_VERBS, FUZZ_SESSION, data)
+    fuzz_one(admin, ADMIN_VERBS, FUZZ_SESSION, data)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_sandbox_requests_get_a_defined_answer(sandbox: tuple[str, Client], data: st.DataObject) -> None:
     session_id, client = sandbox
-    _fuzz_one(client, SANDBOX_VERBS, session_id, data)
+    fuzz_one(client, SANDBOX_VERBS, session_id, data)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -152,7 +169,7 @@ def test_fuzzed_place_agent_gets_a_defined_answer(
     try:
         target = child.pid if pid == "own child" else daemon.proc.pid if pid == "agentd" else pid
         request = pb.PlaceAgentRequest(session_id=FUZZ_SESSION, pid=int(target), include_descendants=descendants)
-        code = _answer(admin, "PlaceAgent", request)
+        code = answer(admin, "PlaceAgent", request)
         assert code == grpc.StatusCode.OK or code in EXPECTED_CODES, (pid, code)
         if pid in ("agentd", 1):
             assert code != grpc.StatusCode.OK, f"{pid} must never be placed into a session"

@@ -1,16 +1,22 @@
-"""The network policy programs on this host's kernel. Connections only ever go to listeners this test opens
-on 127.0.0.1 / ::1; the one non-loopback destination (TEST-NET-1) is tried from a fresh network namespace
-that has no interface up, so nothing can leave the host."""
+"""The network policy programs on this host's kernel. Connections only ever go to listeners this test opens:
+on 127.0.0.1 / ::1, and on the far end of a veth pair into a private network namespace (tests/netns_peer.py),
+the real non-loopback peer: nothing leaves the host."""
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from bpf_support import Cgroups, requires_root, run_in_cgroup
+from netns_peer import Peer
+from pyroute2 import IPRoute
+from support import wait_for
 
 from agentd.kernel.bpf import cgroup_id
 from agentd.kernel.bpf.netpolicy import NetworkPolicy
@@ -35,6 +41,12 @@ def sessions_root(cgroups: Cgroups) -> Path:
 def policy(sessions_root: Path) -> Iterator[NetworkPolicy]:
     with NetworkPolicy(sessions_root) as attached:
         yield attached
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    with Peer() as made:
+        yield made
 
 
 @pytest.fixture
@@ -90,19 +102,39 @@ def test_deny_all_refuses_loopback(
 
 
 def test_allowed_loopback_connects_but_nothing_else(
-    policy: NetworkPolicy, sessions_root: Path, cgroups: Cgroups, attempts: dict[str, Attempt]
+    policy: NetworkPolicy, sessions_root: Path, cgroups: Cgroups, attempts: dict[str, Attempt], peer: Peer
 ) -> None:
     call, sibling = cgroups.make(sessions_root), cgroups.make(sessions_root)
     policy.set_policy(cgroup_id(call), allow_loopback=True)
     assert outcomes(call, attempts) == dict.fromkeys(attempts, 0)
     assert policy.denials(cgroup_id(call)) == 0
 
-    def test_net() -> int:
-        return connect(socket.AF_INET, socket.SOCK_STREAM, ("192.0.2.1", 9))
+    def to_peer() -> int:
+        return connect(socket.AF_INET, socket.SOCK_STREAM, (peer.address, peer.port))
 
-    assert run_in_cgroup(call, test_net, new_netns=True) == errno.EPERM
-    assert run_in_cgroup(sibling, test_net, new_netns=True) == errno.ENETUNREACH  # the routing verdict
+    assert run_in_cgroup(call, to_peer) == errno.EPERM
+    assert not peer.pending()
     assert policy.denials(cgroup_id(call)) == 1
+    assert run_in_cgroup(sibling, to_peer) == 0
+    assert peer.accept(timeout=5) == (peer.host_address, b"")
+
+
+def test_denied_call_never_reaches_the_peer(
+    policy: NetworkPolicy, sessions_root: Path, cgroups: Cgroups, peer: Peer
+) -> None:
+    """TCP connect and an unconnected UDP send to the peer: refused for the policed call; its sibling's connect
+    arrives and its datagram leaves."""
+    call, sibling = cgroups.make(sessions_root), cgroups.make(sessions_root)
+    policy.set_policy(cgroup_id(call), allow_loopback=False)
+    tries: dict[str, Attempt] = {
+        "tcp4": lambda: connect(socket.AF_INET, socket.SOCK_STREAM, (peer.address, peer.port)),
+        "udp4-sendto": lambda: send_to((peer.address, peer.port)),
+    }
+    assert outcomes(call, tries) == dict.fromkeys(tries, errno.EPERM)
+    assert not peer.pending()
+    assert policy.denials(cgroup_id(call)) == len(tries)
+    assert outcomes(sibling, tries) == dict.fromkeys(tries, 0)
+    assert peer.accept(timeout=5) == (peer.host_address, b"")
 
 
 def test_policy_changes_and_clear(
@@ -131,3 +163,24 @@ def test_attaching_twice_keeps_both(
         policy.set_policy(cgroup_id(call), allow_loopback=False)
         assert outcomes(call, {"tcp4": attempts["tcp4"]}) == {"tcp4": errno.EPERM}
         assert (policy.denials(cgroup_id(call)), second.denials(cgroup_id(call))) == (1, 0)
+
+
+def test_peer_goes_with_its_namespace() -> None:
+    """Closed, or its process killed: the veth pair is gone (the kernel deletes it with the namespace)."""
+    with Peer() as peer, IPRoute() as host:
+        assert host.link_lookup(ifname=peer.host_ifname)
+    with IPRoute() as host:
+        assert not host.link_lookup(ifname=peer.host_ifname)
+    code = "import sys, netns_peer; print(netns_peer.Peer().__enter__().host_ifname, flush=True); sys.stdin.read()"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    try:
+        assert holder.stdout is not None
+        ifname = holder.stdout.readline().strip()
+        with IPRoute() as host:
+            assert host.link_lookup(ifname=ifname)
+    finally:
+        holder.kill()
+        holder.wait()
+    with IPRoute() as host:
+        wait_for(lambda: not host.link_lookup(ifname=ifname))

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import REPO, child_env
 
-from agentd.core.config import KEYS, ConfigError, default_toml, load_config
+from agentd.core.config import KEYS, ConfigError, Key, default_toml, load_config
 
 
 def test_defaults_are_valid_and_documented() -> None:
@@ -80,20 +80,124 @@ toml_values = st.recursive(
                                                                               max_size=2)),
     max_leaves=4,
 )
-section_names = st.sampled_from([*sorted({k.section for k in KEYS}), "nosuch"])
-key_names = st.one_of(st.sampled_from([k.name for k in KEYS]), st.text(max_size=8))
 
 
-@settings(max_examples=1000, deadline=None)
-@given(overrides=st.dictionaries(section_names, st.dictionaries(key_names, toml_values, max_size=3), max_size=3))
-def test_fuzzed_config_loads_or_names_the_key(overrides: dict[str, dict[str, Any]]) -> None:
-    """Any values for any keys: a valid configuration, or ConfigError naming the key (or section) at fault: one
-    it was given, or a known key whose value conflicts with one it was given."""
-    overrides = {section: {k: v for k, v in table.items() if v is not None} for section, table in overrides.items()}
+SECTIONS = sorted({k.section for k in KEYS})
+STRINGS = st.sampled_from(["", "0", "1G", "0755", "999", "root", "nobody", "no-such-group-xyz", "auto", "debug",
+                           "/tmp/x", "relative", "-1", "any", "none", "low", "127.0.0.1:1", "localhost"])
+
+
+def _typed(key: Key) -> st.SearchStrategy[Any]:
+    """Values of the key's own type, on and just beyond its bounds: these get past the type checks to the range
+    checks and to the checks between keys."""
+    if key.kind in ("int", "float") and key.minimum is not None and key.maximum is not None:
+        edges = st.sampled_from([key.minimum - 1, key.minimum, key.maximum, key.maximum + 1]).map(
+            int if key.kind == "int" else float)
+        inside = (st.integers(int(key.minimum), int(key.maximum)) if key.kind == "int"
+                  else st.floats(key.minimum, key.maximum))
+        return st.one_of(edges, inside)
+    if key.kind == "size":
+        return st.sampled_from(["0", "4095", "4K", "1G", "-1", "1Q", 0, 4096])
+    if key.kind == "bool":
+        return st.booleans()
+    if key.kind == "names":
+        return st.lists(st.sampled_from(["make", "sh", "", "a/b"]), max_size=3)
+    return STRINGS
+
+
+def _one_in_ten(rare: st.SearchStrategy[Any], usual: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.integers(0, 9).flatmap(lambda i: rare if i == 0 else usual)
+
+
+def _table(section: str) -> st.SearchStrategy[tuple[str, dict[str, Any]]]:
+    """(section, table): mostly keys of that section with values of their type (an unknown key is reported
+    before any value is looked at, so one in ten only)."""
+    keys = [k for k in KEYS if k.section == section]
+    unknown = st.tuples(st.text(max_size=8), toml_values)
+    entry = _one_in_ten(unknown, st.sampled_from(keys).flatmap(
+        lambda k: st.tuples(st.just(k.name), _one_in_ten(toml_values, _typed(k))))) if keys else unknown
+    return st.tuples(st.just(section), st.lists(entry, max_size=3).map(dict))
+
+
+config_overrides = st.lists(
+    _one_in_ten(st.just("nosuch"), st.sampled_from(SECTIONS)).flatmap(_table), max_size=3,
+    unique_by=lambda table: table[0],
+).map(dict)
+
+
+def _error(overrides: dict[str, dict[str, Any]]) -> str | None:
+    """load_config's error for these overrides, or None when they load."""
     try:
         load_config(None, overrides)
     except ConfigError as exc:
-        given_keys = [f"[{section}] {name}:" for section, table in overrides.items() for name in table]
-        known_keys = [f"[{key.section}] {key.name}:" for key in KEYS]
-        sections = [f"[{section}]:" for section in overrides]
-        assert any(str(exc).startswith(prefix) for prefix in given_keys + known_keys + sections), str(exc)
+        return str(exc)
+    return None
+
+
+def _names_wrong_key(message: str, overrides: dict[str, dict[str, Any]]) -> bool:
+    """Whether `message` blames what is really wrong in `overrides` (checked one or two entries at a time):
+    - "[S]: ..." - section S was given and is wrong by itself (unknown, or not a table);
+    - "[S] K: ..." - key K was given and its value is wrong by itself (unknown key, bad type, out of range);
+    - "[S] K: ... N ..." - K (given, or at its default) conflicts with a key N that was given: the two together
+      fail with this message, K alone does not, and the message names N."""
+    for section, table in overrides.items():
+        if message.startswith(f"[{section}]:") and _error({section: table}) == message:
+            return True
+    given = [(section, name, raw) for section, table in overrides.items() for name, raw in table.items()]
+    for section, name in {(s, n) for s, n, _ in given} | {(k.section, k.name) for k in KEYS}:
+        prefix = f"[{section}] {name}:"
+        if not message.startswith(prefix):
+            continue
+        own = {section: {name: overrides[section][name]}} if name in overrides.get(section, {}) else {}
+        if own and (_error(own) or "").startswith(prefix):
+            return True
+        for other_section, other, raw in given:
+            if (other_section, other) == (section, name) or other not in message[len(prefix):]:
+                continue
+            pair: dict[str, dict[str, Any]] = {other_section: {other: raw}}
+            pair.setdefault(section, {}).update(own.get(section, {}))
+            if (_error(pair) or "").startswith(prefix):
+                return True
+    return False
+
+
+@settings(max_examples=1000, deadline=None)
+@given(overrides=config_overrides)
+def test_fuzzed_config_loads_or_names_the_key(overrides: dict[str, dict[str, Any]]) -> None:
+    """Any values for any keys: a valid configuration, or a ConfigError that names the key (or section) at
+    fault - not just any key."""
+    overrides = {section: {k: v for k, v in table.items() if v is not None} for section, table in overrides.items()}
+    message = _error(overrides)
+    assert message is None or _names_wrong_key(message, overrides), (message, overrides)
+
+
+TIMEOUT_CONFLICT = "[limits] default_timeout_seconds: larger than max_timeout_seconds"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"limits": {"max_timeout_seconds": 10.0}}, TIMEOUT_CONFLICT),
+        ({"limits": {"max_pids": 8, "cpu_weight_normal": 5}}, "[limits] default_pids_max: larger than max_pids"),
+        ({"limits": {"max_timeout_seconds": 10.0}, "capture": {"timeout_seconds": 20.0}}, TIMEOUT_CONFLICT),
+    ],
+)
+def test_conflicts_name_both_keys(overrides: dict[str, dict[str, Any]], message: str) -> None:
+    assert _error(overrides) == message
+    assert _names_wrong_key(message, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"limits": {"cpu_weight_normal": 0, "max_pids": 10}}, "[limits] max_pids: must be >= 1, got 0"),
+        ({"limits": {"cpu_weight_normal": 0, "max_pids": 10000}}, "[limits] default_pids_max: larger than max_pids"),
+        ({"limits": {"cpu_weight_normal": 5, "memory_class_low": "lots"}}, "[limits] cpu_weight_normal: must be >= 1"),
+        ({"limits": {"max_pids": 10}}, TIMEOUT_CONFLICT),
+        ({"api": {"admin_group": "root"}, "nope": {}}, "[api] admin_group: no such group 'root'"),
+        ({"api": {"admin_group": "root"}, "nope": {}}, "[capture]: unknown section"),
+    ],
+)
+def test_the_fuzz_oracle_rejects_a_wrong_key(overrides: dict[str, dict[str, Any]], message: str) -> None:
+    """The check above is not satisfied by an error that names some other (valid, given or known) key."""
+    assert not _names_wrong_key(message, overrides)

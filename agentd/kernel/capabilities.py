@@ -28,7 +28,6 @@ class Capabilities:
             "memory": "memory.high/memory.max/memory.low/memory.oom.group",
             "cpu": "cpu.weight/cpu.max",
             "pids": "pids.max",
-            "io": "io.weight",
         }
         return "; ".join(f"{c}: {knobs[c]} NOT enforced" for c in sorted(self.missing))
 

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CONTROLLERS = ("memory", "cpu", "pids", "io")
+CONTROLLERS = ("memory", "cpu", "pids")  # io: agentd writes no io knob, so it enables none
 LABEL_PREFIX = "user.agentd."
 
 

@@ -27,7 +27,10 @@ class Watcher:
 
     def watch(self, path: Path, callback: Callback) -> int:
         """Register a file for its change notifications (EPOLLPRI); return its fd, the handle for unwatch()."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return self.watch_fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC), callback)
+
+    def watch_fd(self, fd: int, callback: Callback) -> int:
+        """Register an fd opened elsewhere (a PSI trigger: cgroupfs.pressure_trigger); the watcher owns it now."""
         try:
             self._epoll.register(fd, select.EPOLLPRI)
         except OSError:

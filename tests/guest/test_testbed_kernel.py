@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import os
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import SLOW, Daemon
 
+from agentd.api.gen import agentd_pb2 as pb
 from agentd.kernel.mounts import cgroup2_mount
 
 pytestmark = pytest.mark.guest
@@ -34,6 +38,9 @@ INTERFACE_FILES = (
     "io.max", "io.stat",
 )  # fmt: skip
 MiB = 1 << 20
+SCHED_EXT = Path("/sys/kernel/sched_ext")
+MINIMAL_SCX = Path(__file__).with_name("minimal_scx.bpf.c")
+MINIMAL_SCX_NAME = "agentd_minimal"  # the scheduler's .name in minimal_scx.bpf.c
 
 
 def _mounts() -> list[tuple[str, str, str]]:
@@ -143,10 +150,51 @@ def test_psi_trigger_is_accepted_and_fires_under_memory_pressure(cgroup: Path) -
         os.close(fd)
 
 
-def test_sched_ext_is_available() -> None:
-    state = Path("/sys/kernel/sched_ext/state")
-    assert state.exists(), "kernel without CONFIG_SCHED_CLASS_EXT"
-    assert state.read_text().strip() in {"disabled", "enabling", "enabled", "disabling"}
+def _kernel_config() -> dict[str, str]:
+    """The running kernel's build configuration (CONFIG_X -> value), from wherever this system keeps it."""
+    release = os.uname().release
+    for path in (Path(f"/boot/config-{release}"), Path(f"/usr/lib/modules/{release}/config")):
+        if path.exists():
+            text = path.read_text()
+            break
+    else:
+        ikconfig = Path("/proc/config.gz")
+        assert ikconfig.exists(), f"no build configuration for kernel {release} in /boot, /usr/lib/modules or /proc"
+        text = gzip.decompress(ikconfig.read_bytes()).decode()
+    return dict(line.split("=", 1) for line in text.splitlines() if line.startswith("CONFIG_"))
+
+
+def test_sched_ext_is_built_in_and_reported(daemon: Daemon) -> None:
+    """The kernel's own build configuration, not the file agentd's probe reads; and agentd agrees."""
+    assert _kernel_config().get("CONFIG_SCHED_CLASS_EXT") == "y", "kernel built without CONFIG_SCHED_CLASS_EXT"
+    with daemon.admin() as admin:
+        assert admin.call("GetStatus", pb.GetStatusRequest()).sched_ext_available
+
+
+def _sched_ext_state() -> str:
+    return (SCHED_EXT / "state").read_text().strip()
+
+
+def test_a_sched_ext_scheduler_can_be_registered(tmp_path: Path) -> None:
+    """Compile the smallest BPF scheduler (minimal_scx.bpf.c), register it as struct_ops: the kernel switches
+    to it; removing its pinned link switches back."""
+    assert (SCHED_EXT / "state").exists(), "kernel without CONFIG_SCHED_CLASS_EXT"
+    assert _sched_ext_state() == "disabled", "another BPF scheduler is running"
+    obj = tmp_path / "minimal_scx.bpf.o"
+    subprocess.run(["clang", "-target", "bpf", "-g", "-O2", "-Wall", "-Werror", "-c", str(MINIMAL_SCX), "-o",
+                    str(obj)], check=True, timeout=120 * SLOW)
+    links = Path("/sys/fs/bpf") / f"agentd-testbed-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    links.mkdir()
+    try:
+        subprocess.run(["bpftool", "struct_ops", "register", str(obj), str(links)], check=True, timeout=60 * SLOW)
+        assert (_sched_ext_state(), (SCHED_EXT / "root" / "ops").read_text().strip()) == (
+            "enabled", MINIMAL_SCX_NAME)
+    finally:
+        shutil.rmtree(links)  # the pinned link is the scheduler's last reference: unregistered
+    deadline = time.monotonic() + 10 * SLOW
+    while _sched_ext_state() != "disabled" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _sched_ext_state() == "disabled"
 
 
 def test_kernel_btf_is_exposed() -> None:
