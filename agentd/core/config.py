@@ -92,7 +92,7 @@ class Config:
         "rotate the records file to <records_file>.1 beyond this size", 4096))
     records_kept_in_memory: int = field(metadata=_key(
         "daemon", "records_kept_in_memory", "int", 10000,
-        "recent records served by ListToolCalls and used to reconcile after a restart", 100, 10_000_000))
+        "how far back ListToolCalls looks (newest records), and parsed records kept in memory", 100, 10_000_000))
     log_level: str = field(metadata=_key(
         "daemon", "log_level", "level", "info", "debug, info, warning or error",
         check=_one_of("debug", "info", "warning", "error")))
