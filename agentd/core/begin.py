@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from agentd.core.config import Config
 from agentd.core.errors import FailedPrecondition, ResourceExhausted
@@ -35,31 +36,19 @@ Held = tuple[int, int]  # (pid of the process asking, pid to place), both as the
 BeginListener = Callable[[ToolCall], None]
 
 
+@dataclass(eq=False)
 class Births:
-    def __init__(
-        self,
-        config: Config,
-        tree: Tree,
-        caps: Capabilities,
-        registry: Registry,
-        spares: Spares,
-        tracking: Tracking,
-        network: NetworkIntent,
-        running: Running,
-        placement: Placement,
-        housekeeping: Housekeeping,
-    ) -> None:
-        self.config = config
-        self.tree = tree
-        self.caps = caps
-        self.registry = registry
-        self.spares = spares
-        self.tracking = tracking
-        self.network = network
-        self.running = running
-        self.placement = placement
-        self.housekeeping = housekeeping
-        self.on_begin: list[BeginListener] = []
+    config: Config
+    tree: Tree
+    caps: Capabilities
+    registry: Registry
+    spares: Spares
+    tracking: Tracking
+    network: NetworkIntent
+    running: Running
+    placement: Placement
+    housekeeping: Housekeeping
+    on_begin: list[BeginListener] = field(default_factory=list)
 
     def begin(
         self, session: Session, intent: Intent, report_exit: bool, confined: bool, held: Held | None = None

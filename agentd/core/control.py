@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from agentd.core.config import Config
 from agentd.core.errors import FailedPrecondition
@@ -27,15 +27,13 @@ LIMIT_KNOBS_ORDER_LOWERING = ("memory.high", "memory.max", "cpu.max", "pids.max"
 LIMIT_KNOBS_ORDER_RAISING = ("memory.max", "memory.high", "cpu.max", "pids.max")
 
 
+@dataclass(eq=False)
 class Control:
-    def __init__(
-        self, config: Config, caps: Capabilities, registry: Registry, running: Running, reaper: Reaper
-    ) -> None:
-        self.config = config
-        self.caps = caps
-        self.registry = registry
-        self.running = running
-        self.reaper = reaper
+    config: Config
+    caps: Capabilities
+    registry: Registry
+    running: Running
+    reaper: Reaper
 
     async def end(self, call_id: str, scope: Session | None, exit_status: ExitStatus | None) -> Result:
         """The caller is done: record its exit status, kill what is left in the cgroup, finalise."""

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentd.core.network import NetworkIntent
@@ -36,30 +37,22 @@ REMOVE_RETRY_SECONDS = 0.05
 REMOVE_ATTEMPTS = 100
 
 FinishListener = Callable[[Result], None]
+Retiring = tuple[ToolCall, Result, ProcessCounters | None]  # finalised, its record and rmdir to come
 
 
+@dataclass(eq=False)
 class Housekeeping:
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        registry: Registry,
-        records: RecordStore,
-        watcher: Watcher,
-        tracking: Tracking,
-        network: NetworkIntent,
-        spares: Spares,
-    ) -> None:
-        self.loop = loop
-        self.registry = registry
-        self.records = records
-        self.watcher = watcher
-        self.tracking = tracking
-        self.network = network
-        self.spares = spares
-        self.on_finish: list[FinishListener] = []
-        self._retiring: list[tuple[ToolCall, Result, ProcessCounters | None]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._removing: set[asyncio.Task[None]] = set()
+    loop: asyncio.AbstractEventLoop
+    registry: Registry
+    records: RecordStore
+    watcher: Watcher
+    tracking: Tracking
+    network: NetworkIntent
+    spares: Spares
+    on_finish: list[FinishListener] = field(default_factory=list)
+    _retiring: list[Retiring] = field(default_factory=list, init=False, repr=False)
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+    _removing: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
     def retire_later(self, call: ToolCall, result: Result, counters: ProcessCounters | None) -> None:
         self._retiring.append((call, result, counters))

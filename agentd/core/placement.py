@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from agentd.core.config import Config
 from agentd.core.errors import FailedPrecondition, PermissionDenied
@@ -21,12 +22,12 @@ from agentd.kernel import cgroupfs, procs
 log = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class Placement:
-    def __init__(self, config: Config, tree: Tree, registry: Registry, running: Running) -> None:
-        self.config = config
-        self.tree = tree
-        self.registry = registry
-        self.running = running
+    config: Config
+    tree: Tree
+    registry: Registry
+    running: Running
 
     def place(self, call: ToolCall, sender: int, pid: int) -> None:
         """Move `pid` into the call on behalf of `sender`, both checked against a confined call's session."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 from agentd.core.housekeeping import Housekeeping
 from agentd.core.network import NetworkIntent
@@ -39,23 +40,15 @@ log = logging.getLogger(__name__)
 RESULT_LABEL = "result"
 
 
+@dataclass(eq=False)
 class Reaper:
-    def __init__(
-        self,
-        caps: Capabilities,
-        registry: Registry,
-        records: RecordStore,
-        tracking: Tracking,
-        network: NetworkIntent,
-        housekeeping: Housekeeping,
-    ) -> None:
-        self.caps = caps
-        self.registry = registry
-        self.records = records
-        self.tracking = tracking
-        self.network = network
-        self.housekeeping = housekeeping
-        self.oom_witness = OomWitness()  # its began() is an on_begin listener (engine.py)
+    caps: Capabilities
+    registry: Registry
+    records: RecordStore
+    tracking: Tracking
+    network: NetworkIntent
+    housekeeping: Housekeeping
+    oom_witness: OomWitness = field(default_factory=OomWitness)  # its began() is an on_begin listener
 
     def finalise(self, call: ToolCall) -> Result | None:
         """Build the call's result and answer its waiters. Idempotent: None if it was finalised already."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 from agentd.core.config import Config
 from agentd.core.reap import Reaper
@@ -30,22 +31,14 @@ log = logging.getLogger(__name__)
 STARTED_LABEL = "started"
 
 
+@dataclass(eq=False)
 class Running:
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        config: Config,
-        registry: Registry,
-        watcher: Watcher,
-        tracking: Tracking,
-        reaper: Reaper,
-    ) -> None:
-        self.loop = loop
-        self.config = config
-        self.registry = registry
-        self.watcher = watcher
-        self.tracking = tracking
-        self.reaper = reaper
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    registry: Registry
+    watcher: Watcher
+    tracking: Tracking
+    reaper: Reaper
 
     def watch(self, call: ToolCall) -> None:
         call.events_fd = self.watcher.watch(call.path / "cgroup.events", lambda fd: self._on_events(call, fd))

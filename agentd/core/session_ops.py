@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from agentd.core import sessions as sess
 from agentd.core.config import Config
@@ -32,29 +32,18 @@ EMPTY_WAIT_SECONDS = 10.0  # DeleteSession with force: how long the killed agent
 PLACE_AGENT_PASSES = 5  # a tree is walked again while new descendants appear, at most this often
 
 
+@dataclass(eq=False)
 class SessionOps:
-    def __init__(
-        self,
-        config: Config,
-        tree: Tree,
-        caps: Capabilities,
-        registry: Registry,
-        watcher: Watcher,
-        tracking: Tracking,
-        spares: Spares,
-        running: Running,
-        housekeeping: Housekeeping,
-    ) -> None:
-        self.config = config
-        self.tree = tree
-        self.caps = caps
-        self.registry = registry
-        self.watcher = watcher
-        self.tracking = tracking
-        self.spares = spares
-        self.running = running
-        self.housekeeping = housekeeping
-        self._deleting: dict[str, asyncio.Task[list[Result]]] = {}
+    config: Config
+    tree: Tree
+    caps: Capabilities
+    registry: Registry
+    watcher: Watcher
+    tracking: Tracking
+    spares: Spares
+    running: Running
+    housekeeping: Housekeeping
+    _deleting: dict[str, asyncio.Task[list[Result]]] = field(default_factory=dict, init=False, repr=False)
 
     def create(self, spec: SessionSpec) -> tuple[Session, str]:
         sess.validate_spec(spec, self.config)
