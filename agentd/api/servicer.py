@@ -251,6 +251,10 @@ class Service:
         return pb.ListToolCallsResponse(finished=[convert.result_to_pb(r) for r in finished], active=active)
 
 
+    async def WatchPolicy(self, request: pb.WatchPolicyRequest, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the memory policy's event stream is not wired yet")
+
+
 def _call_pb(call: ToolCall) -> pb.ToolCallInfo:
     usage = observe.call_usage(call)
     return convert.call_to_pb(call, usage.memory_current, list(usage.procs))

@@ -1,0 +1,89 @@
+"""How bad a pressure domain is: its level on the ladder, whether pressure is active or clear now, and the
+episode's timers (since when active, since when clear) for hysteresis. Pure.
+
+Stall counts only for sessions the ladder holds nothing of: a call throttled by memory.high stalls by design,
+and counting that stall would keep the episode alive forever. Without PSI the ladder runs on headroom and the
+domain's memory.events alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from agentd.policy.model import Assessment, CallMemory, CallView, DomainState, LadderMemory, Level
+from agentd.policy.settings import PolicyConfig, reserve
+
+
+def reserves(limit: int, config: PolicyConfig) -> dict[str, int]:
+    """Every headroom threshold of a domain with this limit, lowest first."""
+    names = ("emergency", "kill", "freeze", "throttle", "recover")
+    return {
+        name: reserve(limit, getattr(config, f"{name}_reserve_ratio"), getattr(config, f"{name}_reserve_min"))
+        for name in names
+    }
+
+
+def growth_rate(last_usage: int, last_seen: float | None, usage: int, now: float) -> float:
+    """Bytes per second since the previous sample (0 without one)."""
+    if last_seen is None or now <= last_seen:
+        return 0.0
+    return (usage - last_usage) / (now - last_seen)
+
+
+def protected_stall(
+    domain: DomainState, calls: tuple[CallView, ...], memory: Mapping[str, CallMemory]
+) -> float | None:
+    """The worst stall among sessions the ladder holds no call of; the domain's own stall while it holds none."""
+    held_sessions = {call.session_id for call in calls if memory.get(call.id, CallMemory()).held}
+    if not held_sessions:
+        values = [domain.stall_pct] + [s.stall_pct for s in domain.sessions]
+    else:
+        values = [s.stall_pct for s in domain.sessions if s.id not in held_sessions]
+    known = [value for value in values if value is not None]
+    return max(known) if known else None
+
+
+def assess(
+    domain: DomainState, calls: tuple[CallView, ...], memory: LadderMemory, config: PolicyConfig, now: float
+) -> Assessment:
+    marks = reserves(domain.limit, config)
+    growth = growth_rate(memory.last_usage, memory.last_seen, domain.usage, now)
+    headroom = domain.headroom
+    projected = headroom - int(max(growth, 0.0) * config.lookahead_seconds)
+    stall = protected_stall(domain, calls, memory.calls)
+    active = (
+        projected < marks["throttle"]
+        or (stall is not None and stall >= config.pressure_stall_pct)
+        or domain.events.limit_hit
+    )
+    clear = (
+        not active
+        and headroom >= marks["recover"]
+        and (stall is None or stall < config.clear_stall_pct)
+    )
+    return Assessment(
+        domain=domain.name, limit=domain.limit, usage=domain.usage, headroom=headroom,
+        projected_headroom=projected, growth=growth, stall_pct=stall, level=_level(headroom, projected, active, marks),
+        active=active, clear=clear, reserves=marks,
+    )
+
+
+def _level(headroom: int, projected: int, active: bool, marks: Mapping[str, int]) -> Level:
+    """KILL on the headroom as it is (never on a projection); FREEZE and THROTTLE ahead of time."""
+    if headroom < marks["kill"]:
+        return Level.KILL
+    if projected < marks["freeze"]:
+        return Level.FREEZE
+    return Level.THROTTLE if active else Level.NONE
+
+
+def advance_episode(memory: LadderMemory, assessment: Assessment, now: float) -> LadderMemory:
+    """The episode timers after this assessment. Active starts (or continues) an episode; clear starts (or
+    continues) the dwell; anything but clear restarts the dwell, so recovery needs it clear without a break. In
+    the band between the two marks nothing new escalates and nothing recovers (hysteresis)."""
+    pressure_since = memory.pressure_since
+    if assessment.active and pressure_since is None:
+        pressure_since = now
+    clear_since = (memory.clear_since if memory.clear_since is not None else now) if assessment.clear else None
+    return replace(memory, pressure_since=pressure_since, clear_since=clear_since)
