@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 from agentd import __version__, logs
-from agentd.core.config import DEFAULT_PATH, ConfigError, default_toml, load_config
+from agentd.core.config import DEFAULT_PATH, ConfigError, default_toml, delegated_table, load_config
+from agentd.policy.settings import PolicyConfigError, from_table
+from agentd.policy.settings import default_toml as policy_toml
 
 log = logging.getLogger("agentd")
 
@@ -30,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"agentd {__version__}")
     args = parser.parse_args(argv)
     if args.print_config:
-        sys.stdout.write(default_toml())
+        sys.stdout.write(default_toml() + "\n" + policy_toml())
         return 0
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        policy = from_table(delegated_table(args.config, "policy"))
+    except (ConfigError, PolicyConfigError) as exc:
         print(f"agentd: invalid configuration: {exc}", file=sys.stderr)
         return 2
     if args.check_config:
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from agentd.api.server import DaemonError, serve  # imports grpc: keep --print-config fast
 
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, policy))
     except DaemonError as exc:
         log.error("%s", exc)
         return 1

@@ -7,6 +7,8 @@ from agentd.core.intents import Intent, Limits
 from agentd.core.results import Capture, OomScope, Result
 from agentd.core.sessions import Session, SessionSpec
 from agentd.core.toolcalls import ToolCall
+from agentd.policy.events import PolicyEvent
+from agentd.policy.loop import DomainView
 
 
 def intent_from_pb(msg: pb.Intent) -> Intent:
@@ -89,6 +91,9 @@ def result_to_pb(result: Result) -> pb.ToolCallResult:
         capture=capture_to_pb(result.capture) if result.capture is not None else None,
         oom_scope=oom_scope_to_pb(result.oom_scope),
         oom_killed_processes=result.oom_killed_processes,
+        throttled_seconds=result.throttled_seconds,
+        frozen_seconds=result.frozen_seconds,
+        policy_actions=list(result.policy_actions),
     )
     if result.exit_status is not None:
         msg.exit_code = result.exit_status.code
@@ -159,4 +164,22 @@ def call_to_pb(call: ToolCall, memory_current: int, pids: list[int]) -> pb.ToolC
         pids=pids,
         cgroup=str(call.path),
         implicit=call.implicit,
+    )
+
+
+def domain_to_pb(domain: DomainView) -> pb.DomainPressure:
+    return pb.DomainPressure(
+        domain=domain.name, limit_bytes=domain.limit, usage_bytes=domain.usage, headroom_bytes=domain.headroom,
+        stall_pct=domain.stall_pct if domain.stall_pct is not None else -1.0, level=domain.level,
+        calls_held=domain.calls_held,
+    )
+
+
+def policy_event_to_pb(event: PolicyEvent) -> pb.PolicyEvent:
+    return pb.PolicyEvent(
+        time_unix=event.time, domain=event.domain, kind=event.kind, call_id=event.call_id,
+        session_id=event.session_id, call_usage_bytes=event.call_usage, call_expected_bytes=event.call_expected,
+        memory_high_bytes=event.memory_high, domain_usage_bytes=event.domain_usage,
+        domain_limit_bytes=event.domain_limit, headroom_bytes=event.headroom,
+        stall_pct=event.stall_pct if event.stall_pct is not None else -1.0, reason=event.reason,
     )

@@ -21,6 +21,8 @@ from agentd.core.sessions import Priority
 from agentd.core.toolcalls import ToolCall
 from agentd.kernel.bpf.libbpf import BpfError
 from agentd.kernel.bpf.lifecycle import ProcessCounters
+from agentd.policy.loop import DomainView, PolicyLoop
+from agentd.policy.model import Action, priority_name
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -30,12 +32,14 @@ if TYPE_CHECKING:
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 MEMORY_BUCKETS = tuple(float(1 << n) for n in range(20, 37))  # 1 MiB .. 64 GiB
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5)
+REACTION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LEVELS = {"none": 0, "throttle": 1, "freeze": 2, "kill": 3}
 LOOP_TIMEOUT_SECONDS = 2.0  # a scrape waits this long for state only the event loop may read
 T = TypeVar("T")
 
 
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, policy: PolicyLoop) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.started = Counter("agentd_tool_calls_started", "Tool calls begun", ["implicit"], registry=r)
@@ -66,13 +70,21 @@ class Metrics:
         self.network_denials = Counter(
             "agentd_network_denials", "Connects/sends refused to tool calls with network intent NONE", registry=r
         )
+        self.policy_actions = Counter(
+            "agentd_policy_actions", "Actions of the memory policy on tool calls", ["action", "priority"], registry=r
+        )
+        self.policy_reaction = Histogram(
+            "agentd_policy_reaction_seconds", "Memory policy: pressure signal to the first action of its episode",
+            buckets=REACTION_BUCKETS, registry=r,
+        )
         # Labelled children resolved once: labels() costs more than the increment on the per-call path.
         self._started = {implicit: self.started.labels(str(implicit).lower()) for implicit in (False, True)}
         self._finished_by: dict[Outcome, Counter] = {
             outcome: self.finished.labels(outcome.name.lower()) for outcome in Outcome if outcome != Outcome.UNSPECIFIED
         }
         self._api: dict[tuple[str, str], Histogram] = {}
-        r.register(_StateCollector(engine))
+        r.register(_StateCollector(engine, policy))
+        policy.on_action.append(self._acted)
         engine.on_begin.append(self._began)
         engine.on_finish.append(self._finished)
         self._server: WSGIServer | None = None
@@ -87,6 +99,11 @@ class Metrics:
         self._started[call.implicit].inc()
         if call.capture is not None:
             self.capture_latency.observe(call.capture.latency_seconds)
+
+    def _acted(self, action: Action, reaction: float | None) -> None:
+        self.policy_actions.labels(action.kind.value, priority_name(action.priority)).inc()
+        if reaction is not None:
+            self.policy_reaction.observe(reaction)
 
     def _finished(self, result: Result) -> None:
         (self._finished_by.get(result.outcome) or self.finished.labels(result.outcome.name.lower())).inc()
@@ -120,9 +137,10 @@ class _State:
     process_counters: dict[str, ProcessCounters] | None  # per session; None without the lifecycle program
     events_lost: int
     map_use: tuple[int, int] | None  # the lifecycle program's `managed` map: entries, capacity
+    domains: list[DomainView]  # the memory policy's pressure domains
 
 
-def _state(engine: Engine) -> _State:
+def _state(engine: Engine, policy: PolicyLoop) -> _State:
     """Runs on the event loop, which owns the engine's dicts and the BPF maps."""
     sessions = list(engine.sessions.values())
     by_priority = dict.fromkeys((Priority.HIGH, Priority.NORMAL, Priority.LOW), 0)
@@ -138,6 +156,7 @@ def _state(engine: Engine) -> _State:
         process_counters=tracking.session_counters() if tracking.enabled else None,
         events_lost=tracking.lost(),
         map_use=tracking.map_use(),
+        domains=policy.status(),
     )
 
 
@@ -145,8 +164,9 @@ class _StateCollector(Collector):
     """Gauges computed from the engine's state at scrape time: the capabilities (fixed at start) here, the rest
     from a copy made on the event loop (nothing of it if the loop does not answer in time)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, policy: PolicyLoop) -> None:
         self.engine = engine
+        self.policy = policy
 
     def collect(self) -> Iterator[Metric]:
         caps = self.engine.caps
@@ -160,7 +180,7 @@ class _StateCollector(Collector):
         bpf.add_metric(["lifecycle"], 1 if caps.bpf_lifecycle else 0)
         bpf.add_metric(["netpolicy"], 1 if caps.bpf_network else 0)
         yield bpf
-        state = self._on_loop(functools.partial(_state, self.engine))
+        state = self._on_loop(functools.partial(_state, self.engine, self.policy))
         if state is not None:
             yield from self._engine_state(state)
 
@@ -183,6 +203,7 @@ class _StateCollector(Collector):
             yield from _map_use(*state.map_use)
         if state.process_counters is not None:
             yield from _process_counters(state)
+        yield from _domains(state.domains)
 
     def _on_loop(self, read: Callable[[], T]) -> T | None:
         """read() run on the event loop; None if the loop does not answer in time (e.g. it is stopping)."""
@@ -194,6 +215,31 @@ class _StateCollector(Collector):
             return asyncio.run_coroutine_threadsafe(run(), self.engine.loop).result(LOOP_TIMEOUT_SECONDS)
         except (RuntimeError, TimeoutError, BpfError):
             return None
+
+
+def _domains(domains: list[DomainView]) -> Iterator[Metric]:
+    """The memory policy's pressure domains (sessions/, and sessions with a budget) as its last decision saw them."""
+    families = {
+        "limit": GaugeMetricFamily("agentd_policy_domain_limit_bytes", "Memory a pressure domain may use",
+                                   labels=["domain"]),
+        "usage": GaugeMetricFamily("agentd_policy_domain_usage_bytes", "Memory a pressure domain uses",
+                                   labels=["domain"]),
+        "stall": GaugeMetricFamily("agentd_policy_domain_stall_percent",
+                                   "PSI memory 'some' stall of a domain over the last window (absent without PSI)",
+                                   labels=["domain"]),
+        "level": GaugeMetricFamily("agentd_policy_domain_level",
+                                   "How far up the ladder: 0 none, 1 throttle, 2 freeze, 3 kill", labels=["domain"]),
+        "held": GaugeMetricFamily("agentd_policy_calls_held", "Tool calls the memory policy holds (throttled or "
+                                  "frozen)", labels=["domain"]),
+    }
+    for d in domains:
+        families["limit"].add_metric([d.name], d.limit)
+        families["usage"].add_metric([d.name], d.usage)
+        if d.stall_pct is not None:
+            families["stall"].add_metric([d.name], d.stall_pct)
+        families["level"].add_metric([d.name], LEVELS.get(d.level, 0))
+        families["held"].add_metric([d.name], d.calls_held)
+    yield from families.values()
 
 
 def _map_use(entries: int, capacity: int) -> Iterator[Metric]:

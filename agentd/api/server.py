@@ -31,6 +31,9 @@ from agentd.core.records import RecordStore
 from agentd.core.results import ExitStatus
 from agentd.core.tree import set_up
 from agentd.kernel.watch import Watcher
+from agentd.policy import settings as policy_settings
+from agentd.policy.loop import PolicyLoop
+from agentd.policy.settings import PolicyConfig
 
 log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 2.0
@@ -82,7 +85,7 @@ async def _grpc_server(
     return server
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, policy_config: PolicyConfig | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in STOP_SIGNALS:
@@ -102,7 +105,8 @@ async def serve(config: Config) -> None:
     engine = Engine(config, tree, caps, records, watcher, loop, programs)
     if caps.bpf_lifecycle:
         AutoCapture(engine, config)  # subscribes to execs in agent leaves
-    metrics = Metrics(engine)
+    policy = PolicyLoop(engine, policy_config or PolicyConfig())
+    metrics = Metrics(engine, policy)
     servers: list[grpc.aio.Server] = []
     join_server: join.JoinServer | None = None
 
@@ -112,6 +116,7 @@ async def serve(config: Config) -> None:
 
     try:
         report = reconcile(engine)
+        policy.start()
         join_server = join.JoinServer(
             loop, config.join_socket, lambda token, sender, target: engine.join(token, sender, target).id,
             end_from_join, engine.housekeeping_now, config.max_connections,
@@ -119,17 +124,18 @@ async def serve(config: Config) -> None:
         )
         _secure(config.join_socket, 0o666, None)
         servers.append(
-            await _grpc_server(Service(engine, metrics, join_server, sandbox=False), config.admin_socket,
+            await _grpc_server(Service(engine, policy, metrics, join_server, sandbox=False), config.admin_socket,
                                config.admin_socket_mode, config.admin_gid, config.max_connections)
         )
         servers.append(
-            await _grpc_server(Service(engine, metrics, join_server, sandbox=True), config.sandbox_socket,
+            await _grpc_server(Service(engine, policy, metrics, join_server, sandbox=True), config.sandbox_socket,
                                config.sandbox_socket_mode, None, config.max_connections)
         )
         if config.metrics_address:
             metrics.serve(config.metrics_address)
         os.umask(old_umask)
-        log.info("effective configuration", extra={"config": describe(config)})
+        effective = describe(config) | policy_settings.describe(policy.config)
+        log.info("effective configuration", extra={"config": effective})
         log.info(
             "agentd ready",
             extra={
@@ -155,6 +161,7 @@ async def serve(config: Config) -> None:
             join_server.close()
         await asyncio.gather(*(s.stop(STOP_GRACE_SECONDS) for s in servers))
         metrics.close()
+        policy.close()
         engine.close()
         programs.close()
         watcher.close()

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -22,9 +22,11 @@ from agentd.api.join import HoldRefused, JoinServer
 from agentd.api.metrics import Metrics
 from agentd.core import errors, observe
 from agentd.core.engine import Engine
+from agentd.core.intents import validate_intent
 from agentd.core.results import ExitStatus, Result
 from agentd.core.sessions import Session
 from agentd.core.toolcalls import ToolCall
+from agentd.policy.loop import PolicyLoop
 from agentd.wire import PLACEMENT_METADATA, TOKEN_METADATA
 
 log = logging.getLogger(__name__)
@@ -74,8 +76,9 @@ def rpc(method: Handler[Req, Resp]) -> Handler[Req, Resp]:
 class Service:
     """Implements every verb of agentd.v1.Admin; the Sandbox service is the subset that is session-scoped."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, joins: JoinServer, sandbox: bool) -> None:
+    def __init__(self, engine: Engine, policy: PolicyLoop, metrics: Metrics, joins: JoinServer, sandbox: bool) -> None:
         self.engine = engine
+        self.policy = policy
         self.metrics = metrics
         self.joins = joins
         self.sandbox = sandbox
@@ -99,12 +102,18 @@ class Service:
         return scope
 
     def _session_pb(self, session: Session) -> pb.Session:
-        return convert.session_to_pb(
+        msg = convert.session_to_pb(
             session,
             observe.agent_processes(session),
             observe.session_memory(session),
             session.cpu_weight(self.engine.config),
         )
+        domain, stall, held = self.policy.session_status(session)
+        if domain is not None:
+            msg.pressure.CopyFrom(convert.domain_to_pb(domain))
+        msg.memory_stall_pct = stall if stall is not None else -1.0
+        msg.calls_held = held
+        return msg
 
     # ----- sessions (admin) ------------------------------------------------------------------------------
 
@@ -153,6 +162,8 @@ class Service:
             bpf_network=caps.bpf_network,
             bpf_errors=caps.bpf_errors,
             auto_capture=caps.bpf_lifecycle and engine.config.capture_enabled,
+            policy=pb.PolicyStatus(enabled=self.policy.config.enabled, signals=self.policy.signals,
+                                   domains=[convert.domain_to_pb(d) for d in self.policy.status()]),
         )
 
     # ----- tool calls --------------------------------------------------------------------------------------
@@ -162,6 +173,8 @@ class Service:
         scope = self._scope(context)
         session = self._session(request.session_id, scope)
         intent = convert.intent_from_pb(request.intent)
+        validate_intent(intent, self.engine.config)
+        await self.policy.admit(session, intent)
         confined = scope is not None
         if request.held_process:
             try:
@@ -251,8 +264,15 @@ class Service:
         return pb.ListToolCallsResponse(finished=[convert.result_to_pb(r) for r in finished], active=active)
 
 
-    async def WatchPolicy(self, request: pb.WatchPolicyRequest, context: Any) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the memory policy's event stream is not wired yet")
+    async def WatchPolicy(self, request: pb.WatchPolicyRequest, context: Any) -> AsyncIterator[pb.PolicyEvent]:
+        """The memory policy's events as they happen: one session's (and its domains'), or every one (admin)."""
+        try:
+            scope = self._scope(context)
+            session_id = self._session(request.session_id, scope).id if scope or request.session_id else None
+        except errors.AgentdError as exc:
+            await context.abort(status.status_code(exc), status.message(exc))
+        async for event in self.policy.hub.watch(session_id):
+            yield convert.policy_event_to_pb(event)
 
 
 def _call_pb(call: ToolCall) -> pb.ToolCallInfo:

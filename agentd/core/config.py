@@ -22,6 +22,9 @@ import psutil
 from agentd.core.units import parse_size
 
 DEFAULT_PATH = Path("/etc/agentd/agentd.toml")
+# Sections whose keys are declared and validated by another module (which the core must not import):
+# [policy] by agentd/policy/settings.py; the daemon validates it at start like the rest.
+DELEGATED_SECTIONS = ("policy",)
 _METADATA = "agentd.key"  # the dataclasses.field metadata entry holding a Config field's Key
 
 
@@ -292,6 +295,8 @@ def _check_unknown(data: dict[str, Any]) -> None:
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ConfigError(f"[{section}]: expected a table")
+        if section in DELEGATED_SECTIONS:
+            continue
         if section not in {k.section for k in KEYS}:
             raise ConfigError(f"[{section}]: unknown section")
         for name in table:
@@ -316,8 +321,8 @@ def _resolve(values: dict[str, Any]) -> None:
     values["max_cpu_millicores"] = values["max_cpu_millicores"] or (psutil.cpu_count() or 1) * 1000
 
 
-def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read and validate the config file (a missing default file means all defaults)."""
+def read_toml(path: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The config file's tables (a missing default file means none), with overrides applied."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -329,6 +334,20 @@ def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] |
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     for section, values in (overrides or {}).items():
         data.setdefault(section, {}).update(values)
+    return data
+
+
+def delegated_table(path: Path | None, section: str) -> dict[str, Any]:
+    """A section validated elsewhere (DELEGATED_SECTIONS), as the raw table; {} when absent."""
+    table = read_toml(path).get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}]: expected a table")
+    return table
+
+
+def load_config(path: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read and validate the config file (a missing default file means all defaults)."""
+    data = read_toml(path, overrides)
     _check_unknown(data)
     values = {name: _convert(key, data.get(key.section, {}).get(key.name, key.default)) for name, key in _FIELDS}
     _resolve(values)

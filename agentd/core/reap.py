@@ -117,6 +117,7 @@ def build_result(
     first, then the kernel's word on the first process."""
     exit_status = call.exit_status if call.exit_status is not None else call.kernel_exit
     outcome = classify(ran, stats, call.kill_reason, exit_status)
+    throttled, frozen = call.policy.totals(ended)
     scope = oom_scope(outcome, stats.memory_events, ancestors)
     return Result(
         call_id=call.id,
@@ -147,4 +148,7 @@ def build_result(
         capture=call.capture,
         oom_scope=scope,
         oom_killed_processes=processes_oom_killed(stats.memory_events),
+        throttled_seconds=throttled,
+        frozen_seconds=frozen,
+        policy_actions=tuple(call.policy.actions),
     )

@@ -117,6 +117,9 @@ class Result:
     capture: Capture | None = None
     oom_scope: OomScope = OomScope.NONE
     oom_killed_processes: int = 0  # each once (memory.events oom_kill counts a group's chosen victim twice)
+    throttled_seconds: float = 0.0  # memory.high held below its own limit by the memory policy
+    frozen_seconds: float = 0.0  # kept frozen by the memory policy
+    policy_actions: tuple[str, ...] = ()  # what the memory policy did to it, in order
     JSON_RANGES: ClassVar = int_ranges(oom_killed_processes=(0, (1 << 31) - 1))
 
     def to_json(self) -> dict[str, Any]:
@@ -125,6 +128,7 @@ class Result:
         data["oom_scope"] = self.oom_scope.name
         data["argv"] = list(self.argv)
         data["not_enforced"] = list(self.not_enforced)
+        data["policy_actions"] = list(self.policy_actions)
         data["limits"] = self.limits.to_json()
         data["exit_status"] = vars(self.exit_status) if self.exit_status is not None else None
         data["capture"] = vars(self.capture) if self.capture is not None else None

@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from agentd.core import sessions as sess
@@ -27,6 +28,7 @@ from agentd.kernel.capabilities import Capabilities
 from agentd.kernel.watch import Watcher, reread
 
 log = logging.getLogger(__name__)
+SessionListener = Callable[[Session], None]
 
 EMPTY_WAIT_SECONDS = 10.0  # DeleteSession with force: how long the killed agent/ leaf may take to empty
 PLACE_AGENT_PASSES = 5  # a tree is walked again while new descendants appear, at most this often
@@ -43,6 +45,8 @@ class SessionOps:
     spares: Spares
     running: Running
     housekeeping: Housekeeping
+    on_created: list[SessionListener] = field(default_factory=list)  # also adopted ones
+    on_deleted: list[SessionListener] = field(default_factory=list)
     _deleting: dict[str, asyncio.Task[list[Result]]] = field(default_factory=dict, init=False, repr=False)
 
     def create(self, spec: SessionSpec) -> tuple[Session, str]:
@@ -121,6 +125,7 @@ class SessionOps:
             session.deleting = False
         self.tracking.remove_session(session)
         self.registry.remove_session(session)
+        self._tell(self.on_deleted, session)
         log.info("session deleted", extra={"session": session.id, "calls_ended": len(results), "force": force,
                                            "agents_killed": len(agents) if force else 0})
         return list(results)
@@ -166,6 +171,14 @@ class SessionOps:
     def _register(self, session: Session) -> None:
         self.registry.add_session(session)
         self.tracking.add_session(session)
+        self._tell(self.on_created, session)
+
+    def _tell(self, listeners: list[SessionListener], session: Session) -> None:
+        for listener in listeners:
+            try:
+                listener(session)
+            except Exception:  # a bug there must not undo the session's creation or deletion
+                log.exception("session listener failed", extra={"session": session.id})
 
     async def _wait_empty(self, session: Session, timeout: float) -> None:
         """Wait until the agent/ leaf has no processes, via its cgroup.events notification."""

@@ -48,6 +48,37 @@ class CallLabel:
     not_enforced: tuple[str, ...]
 
 
+@dataclass
+class PolicyMarks:
+    """What the memory policy did to a call, for its result: time held throttled and frozen, and the actions."""
+
+    throttled_since: float | None = None  # memory.high below its own limit since (None: not throttled)
+    throttled_seconds: float = 0.0
+    frozen_since: float | None = None
+    frozen_seconds: float = 0.0
+    actions: list[str] = field(default_factory=list)
+
+    def throttled(self, on: bool, now: float) -> None:
+        if on and self.throttled_since is None:
+            self.throttled_since = now
+        elif not on and self.throttled_since is not None:
+            self.throttled_seconds += now - self.throttled_since
+            self.throttled_since = None
+
+    def frozen(self, on: bool, now: float) -> None:
+        if on and self.frozen_since is None:
+            self.frozen_since = now
+        elif not on and self.frozen_since is not None:
+            self.frozen_seconds += now - self.frozen_since
+            self.frozen_since = None
+
+    def totals(self, now: float) -> tuple[float, float]:
+        """Seconds throttled and frozen so far, open intervals counted up to `now`."""
+        throttled = self.throttled_seconds + (now - self.throttled_since if self.throttled_since is not None else 0)
+        frozen = self.frozen_seconds + (now - self.frozen_since if self.frozen_since is not None else 0)
+        return throttled, frozen
+
+
 @dataclass(eq=False)
 class ToolCall:
     id: str
@@ -76,6 +107,7 @@ class ToolCall:
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     done: asyncio.Future[Result] | None = None
     freeze_waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    policy: PolicyMarks = field(default_factory=PolicyMarks)
 
     def label(self) -> bytes:
         """The call's identity and limits; the start time and first pid are a label of their own ("started"),

@@ -45,3 +45,20 @@ def triggers_supported(cgroup: Path) -> bool:
         return False
     os.close(fd)
     return True
+
+
+def some_stall_us(cgroup: Path, resource: str = "memory") -> int | None:
+    """The cumulative 'some' stall (µs) of <cgroup>/<resource>.pressure; None without PSI (file absent, or PSI off:
+    the kernel then reports zeros, which the caller cannot tell from no stall, hence the capability probe)."""
+    try:
+        text = (cgroup / f"{resource}.pressure").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        if kind == "some":
+            for item in fields:
+                key, _, value = item.partition("=")
+                if key == "total":
+                    return int(value)
+    return None

@@ -11,6 +11,7 @@ invalid configuration cannot exist. `from_table` builds one from a TOML table, n
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -46,6 +47,13 @@ class PolicyConfig:
 
     enabled: bool = field(default=True, metadata=_key(
         "bool", "run the pressure ladder and admission; off = static limits only, the kernel OOM killer decides"))
+    # ----- the shared domain: sessions/ -----
+    sessions_memory_max: int = field(default=0, metadata=_key(
+        "size", "memory.max agentd writes on sessions/ (all agents together); 0 = none written: the domain's limit is "
+        "then the smallest memory.max above sessions/ (e.g. the unit's MemoryMax) or physical memory minus "
+        "host_reserve"))
+    host_reserve: int = field(default=512 * MIB, metadata=_key(
+        "size", "memory kept for the host and agentd when sessions/ has no memory.max of its own or above it"))
     # ----- signals (used by the loop's I/O side) -----
     tick_seconds: float = field(default=0.05, metadata=_key(
         "float", "while pressure is active the loop reads usage this often (nothing polls otherwise)", 0.005, 1.0))
@@ -207,3 +215,14 @@ def reserve(limit: int, ratio: float, floor: int) -> int:
     scaled down for domains below FLOOR_FULL_LIMIT)."""
     scaled_floor = floor * min(limit, FLOOR_FULL_LIMIT) // FLOOR_FULL_LIMIT
     return max(int(limit * ratio), scaled_floor)
+
+
+def default_toml() -> str:
+    """The `[policy]` table with every key at its default, each after its meaning (agentd --print-config)."""
+    lines = ["[policy]", "# the memory policy: docs/policy.md"]
+    defaults = PolicyConfig()
+    for name, key in policy_keys():
+        value = getattr(defaults, name)
+        lines.append(f"# {key.doc}")
+        lines.append(f"{name} = {json.dumps(value)}")  # a TOML value too: true/false, numbers, strings
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,338 @@
+"""The policy loop: wakes on the kernel's pressure signals, asks the ladder what to do, has it done.
+
+Signals, event-driven through the core's one epoll (kernel/watch.py): a PSI trigger on the memory.pressure of
+sessions/ and of every session (where the kernel has PSI), and memory.events.local of each pressure domain.
+A signal runs a decision for every domain at once; while any domain is under pressure, or the ladder still
+holds calls it must give back, a tick repeats it every `tick_seconds`. Otherwise nothing polls.
+
+Pressure domains: sessions/ (every agent on the host; its limit is `sessions_memory_max`, or the smallest
+memory.max above it, or physical memory minus `host_reserve`) and each session with a memory budget.
+Decisions are ladder.decide() (pure); their actions are carried out by act.py. Admission of declared Begins
+is admission.admit() against the same snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from agentd.core.engine import Engine
+from agentd.core.errors import ResourceExhausted
+from agentd.core.intents import Intent, derive_limits
+from agentd.core.sessions import Priority, Session
+from agentd.kernel import cgroupfs
+from agentd.policy import act
+from agentd.policy.admission import AdmissionRequest, Verdict, admit
+from agentd.policy.events import Hub, PolicyEvent
+from agentd.policy.ladder import decide
+from agentd.policy.model import Action, Assessment, CallView, LadderMemory, Level
+from agentd.policy.settings import PolicyConfig, reserve
+from agentd.policy.snapshot import (
+    SESSIONS_DOMAIN,
+    EventsMeter,
+    StallMeter,
+    call_view,
+    domain_state,
+    limit_above,
+    session_domain,
+)
+
+log = logging.getLogger(__name__)
+
+# A queued Begin looks again at least this often (decisions also wake it): calls that end free memory silently.
+ADMISSION_RECHECK_SECONDS = 0.1
+ActionListener = Callable[[Action, float | None], None]  # the action, seconds since the pressure signal
+
+
+@dataclass(frozen=True)
+class DomainView:
+    """A domain as the last decision saw it (GetStatus, GetSession, metrics)."""
+
+    name: str
+    limit: int
+    usage: int
+    headroom: int
+    stall_pct: float | None
+    level: str
+    calls_held: int
+
+
+@dataclass(eq=False)
+class Domain:
+    name: str
+    path: Path
+    limit: int
+    session: Session | None  # None: sessions/
+    memory: LadderMemory = field(default_factory=LadderMemory)
+    last: Assessment | None = None
+    events_fd: int | None = None
+    psi_fd: int | None = None
+
+
+@dataclass(eq=False)
+class PolicyLoop:
+    engine: Engine
+    config: PolicyConfig
+    hub: Hub = field(default_factory=Hub)
+    on_action: list[ActionListener] = field(default_factory=list)
+    domains: dict[str, Domain] = field(default_factory=dict)
+    _stall: StallMeter = field(init=False)
+    _events: EventsMeter = field(default_factory=EventsMeter)
+    _session_triggers: dict[str, int] = field(default_factory=dict)  # PSI trigger fds of sessions
+    _tick: asyncio.TimerHandle | None = None
+    _scheduled: bool = False
+    _signal_at: float | None = None  # the earliest pressure signal not yet acted on (monotonic)
+    _onset: dict[str, float] = field(default_factory=dict)  # per domain: the signal that began its episode
+    _decided: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._stall = StallMeter(self.engine.caps.psi_triggers)
+
+    @property
+    def signals(self) -> str:
+        return "psi+memory.events" if self.engine.caps.psi_triggers else "memory.events"
+
+    def start(self) -> None:
+        engine, config = self.engine, self.config
+        log.info("policy", extra={"enabled": config.enabled, "signals": self.signals,
+                                  "memory_enforced": "memory" in engine.caps.enforced})
+        if not config.enabled:
+            return
+        sessions = engine.tree.sessions
+        if config.sessions_memory_max and "memory" in engine.caps.enforced:
+            cgroupfs.apply_knobs(sessions, {"memory.max": str(config.sessions_memory_max)}, engine.caps.enforced)
+        limit = limit_above(sessions, engine.tree.mount, config.host_reserve)
+        self._add_domain(Domain(SESSIONS_DOMAIN, sessions, limit, None))
+        for session in engine.registry.sessions.values():
+            self.session_added(session)
+        engine.session_ops.on_created.append(self.session_added)
+        engine.session_ops.on_deleted.append(self.session_removed)
+        log.info("pressure domain", extra={"domain": SESSIONS_DOMAIN, "limit": limit,
+                                           "sessions_memory_max": config.sessions_memory_max})
+        self.wake()  # a first look: pressure may predate this start
+
+    def session_added(self, session: Session) -> None:
+        if self.engine.caps.psi_triggers and session.spec.priority != Priority.LOW:
+            fd = self._trigger(session.path)
+            if fd is not None:
+                self._session_triggers[session.id] = fd
+        if session.spec.memory_budget:
+            self._add_domain(Domain(session_domain(session.id), session.path, session.spec.memory_budget, session))
+
+    def session_removed(self, session: Session) -> None:
+        fd = self._session_triggers.pop(session.id, None)
+        if fd is not None:
+            self.engine.watcher.unwatch(fd)
+        domain = self.domains.pop(session_domain(session.id), None)
+        if domain is not None:
+            self._unwatch(domain)
+        self._stall.forget(session.path)
+
+    def _add_domain(self, domain: Domain) -> None:
+        watcher = self.engine.watcher
+        events = domain.path / "memory.events.local"
+        if events.exists():
+            domain.events_fd = watcher.watch(events, lambda _fd: self.wake())
+        if self.engine.caps.psi_triggers:
+            domain.psi_fd = self._trigger(domain.path)
+        self.domains[domain.name] = domain
+
+    def _trigger(self, path: Path) -> int | None:
+        trigger = f"some {self.config.psi_stall_us} {self.config.psi_window_us}"
+        try:
+            fd = cgroupfs.pressure_trigger(path, "memory", trigger)
+        except cgroupfs.CgroupError as exc:
+            log.error("PSI trigger not set", extra={"cgroup": str(path), "error": str(exc)})
+            return None
+        return self.engine.watcher.watch_fd(fd, lambda _fd: self.wake())
+
+    def _unwatch(self, domain: Domain) -> None:
+        for fd in (domain.events_fd, domain.psi_fd):
+            if fd is not None:
+                self.engine.watcher.unwatch(fd)
+        self._events.forget(domain.path)
+        self._stall.forget(domain.path)
+
+    # ----- deciding -----
+
+    def wake(self) -> None:
+        """A pressure signal (or a change the ladder should see): decide for every domain, once, soon."""
+        if self._signal_at is None:
+            self._signal_at = time.monotonic()
+        if not self._scheduled:
+            self._scheduled = True
+            self.engine.loop.call_soon(self._decide_all)
+
+    def _decide_all(self) -> None:
+        self._scheduled = False
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        now = time.monotonic()
+        signal_at, self._signal_at = self._signal_at, None
+        busy = False
+        for domain in list(self.domains.values()):
+            try:
+                busy = self._decide(domain, now, signal_at) or busy
+            except Exception:  # one domain's trouble must not stop the others' protection
+                log.exception("policy decision failed", extra={"domain": domain.name})
+        self._decided.set()
+        self._decided = asyncio.Event()
+        if busy:
+            self._tick = self.engine.loop.call_later(self.config.tick_seconds, self._decide_all)
+
+    def _decide(self, domain: Domain, now: float, signal_at: float | None) -> bool:
+        """One decision for one domain; True while it needs ticks (pressure, or calls still held)."""
+        sessions = self._sessions_of(domain)
+        views = self._views(sessions, domain)
+        state = domain_state(domain.name, domain.path, domain.limit, sessions, self._stall, self._events, now)
+        decision = decide(state, views, self.config, now, domain.memory)
+        domain.memory, previous, domain.last = decision.memory, domain.last, decision.assessment
+        a = decision.assessment
+        if a.active and (previous is None or not previous.active):
+            self._onset[domain.name] = signal_at if signal_at is not None else now
+            self._publish(_event(a, "pressure", reason=_why(a)))
+            log.info("pressure", extra=a.log_extra())
+        elif a.clear and previous is not None and not previous.clear and previous.level is not Level.NONE:
+            self._publish(_event(a, "clear"))
+            log.info("pressure clear", extra=a.log_extra())
+        others = act.holds({d.name: d.memory for d in self.domains.values()}, domain.name)
+        for action in decision.actions:
+            onset = self._onset.pop(domain.name, None)
+            reaction = now - onset if onset is not None else None
+            if not act.apply(self.engine, action, others, now):
+                continue
+            log.info(f"policy {action.kind.value}", extra={
+                **action.log_extra(), "reaction_ms": round(reaction * 1000, 3) if reaction is not None else None})
+            self._publish(_event(a, action.kind.value, session_id=action.session_id, call_id=action.call_id,
+                                 call_usage=action.usage, call_expected=action.expected,
+                                 memory_high=action.memory_high, reason=action.reason))
+            for listener in self.on_action:
+                listener(action, reaction)
+        return a.active or any(mem.held for mem in domain.memory.calls.values())
+
+    def _sessions_of(self, domain: Domain) -> list[Session]:
+        if domain.session is not None:
+            return [domain.session]
+        return list(self.engine.registry.sessions.values())
+
+    def _views(self, sessions: list[Session], domain: Domain) -> list[CallView]:
+        views = []
+        for session in sessions:
+            for call in list(session.calls.values()):
+                view = call_view(call, session, self.engine.config)
+                if view is not None:
+                    views.append(view)
+        return views
+
+    def _publish(self, event: PolicyEvent) -> None:
+        self.hub.publish(event)
+
+    # ----- admission -----
+
+    async def admit(self, session: Session, intent: Intent) -> None:
+        """Whether a declared (valid) Begin may start now: returns when admitted (at once, or after a bounded wait
+        in the queue); ResourceExhausted with a retry-after hint when refused."""
+        if not self.config.enabled or "memory" not in self.engine.caps.enforced:
+            return  # without the memory controller nothing holds a call to what it declared
+        # What it will be held to: the declaration (or its class size), capped by the session's budget.
+        expected = derive_limits(intent, self.engine.config, session.spec.memory_budget).memory_high
+        names = [session_domain(session.id), SESSIONS_DOMAIN]
+        if all(self._fits_quickly(self.domains.get(name), expected) for name in names):
+            return
+        request = AdmissionRequest("begin", session.id, session.spec.priority or Priority.NORMAL, expected)
+        while True:
+            now = time.monotonic()
+            verdict, where = None, SESSIONS_DOMAIN
+            for name in names:
+                domain = self.domains.get(name)
+                if domain is None:
+                    continue
+                sessions = self._sessions_of(domain)
+                state = domain_state(domain.name, domain.path, domain.limit, sessions, self._stall, self._events,
+                                     now)
+                verdict, where = admit(request, state, self._views(sessions, domain), self.config, now), name
+                if verdict.verdict is not Verdict.ADMIT:
+                    break
+            if verdict is None or verdict.verdict is Verdict.ADMIT:
+                if request.queued_since is not None and verdict is not None:
+                    log.info("admitted after waiting", extra={**verdict.log_extra(), "domain": where,
+                                                              "waited_s": round(now - request.queued_since, 3)})
+                return
+            if request.queued_since is None or verdict.verdict is Verdict.REFUSE:
+                log.info(f"admission {verdict.verdict.value}", extra={**verdict.log_extra(), "domain": where})
+                self._publish(PolicyEvent(where, verdict.verdict.value, session_id=session.id, call_expected=expected,
+                                          headroom=verdict.headroom, reason=verdict.reason))
+            if verdict.verdict is Verdict.REFUSE:
+                raise ResourceExhausted(
+                    f"admission refused: {verdict.reason}"
+                    + (f"; retry after {verdict.retry_after_seconds:g} s" if verdict.retryable else ""))
+            if request.queued_since is None:
+                request = replace(request, queued_since=now)
+            assert verdict.wait_until is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._decided.wait(),
+                                       max(min(verdict.wait_until - now, ADMISSION_RECHECK_SECONDS), 0.0))
+
+    def _fits_quickly(self, domain: Domain | None, expected: int) -> bool:
+        """The hot path's check, one file read: the Begin fits even if every running call took all it declared
+        (an upper bound of what they still owe) and the domain is not under pressure."""
+        if domain is None:
+            return True
+        if domain.last is not None and domain.last.active:
+            return False
+        usage = max(cgroupfs.memory_current(domain.path), 0)
+        calls = self._sessions_of(domain)
+        owed = sum(call.limits.memory_high for s in calls for call in s.calls.values())
+        margin = reserve(domain.limit, self.config.throttle_reserve_ratio, self.config.throttle_reserve_min)
+        return domain.limit - usage - owed - margin >= expected
+
+    # ----- status -----
+
+    def status(self) -> list[DomainView]:
+        return [self._view(domain) for domain in self.domains.values()]
+
+    def session_status(self, session: Session) -> tuple[DomainView | None, float | None, int]:
+        """Its own domain (a budget), its last stall reading, and how many of its calls the ladder holds."""
+        domain = self.domains.get(session_domain(session.id))
+        held = sum(1 for d in self.domains.values() for call_id, mem in d.memory.calls.items()
+                   if mem.held and call_id in session.calls)
+        return (self._view(domain) if domain is not None else None), self._stall.last(session.path), held
+
+    def _view(self, domain: Domain) -> DomainView:
+        held = sum(1 for mem in domain.memory.calls.values() if mem.held)
+        a = domain.last
+        if a is None:
+            usage = max(cgroupfs.memory_current(domain.path), 0)
+            return DomainView(domain.name, domain.limit, usage, domain.limit - usage, None, "none", held)
+        return DomainView(a.domain, a.limit, a.usage, a.headroom, a.stall_pct, a.level.name.lower(), held)
+
+
+    def close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+        for domain in self.domains.values():
+            self._unwatch(domain)
+        for fd in self._session_triggers.values():
+            self.engine.watcher.unwatch(fd)
+        self.domains.clear()
+        self._session_triggers.clear()
+
+
+def _event(a: Assessment, kind: str, *, session_id: str = "", call_id: str = "", call_usage: int = 0,
+           call_expected: int = 0, memory_high: int = 0, reason: str = "") -> PolicyEvent:
+    return PolicyEvent(a.domain, kind, session_id, call_id, call_usage, call_expected, memory_high, a.usage, a.limit,
+                       a.headroom, a.stall_pct, reason)
+
+
+def _why(a: Assessment) -> str:
+    if a.headroom < a.reserves["throttle"] or a.projected_headroom < a.reserves["throttle"]:
+        return f"projected headroom {a.projected_headroom} below the throttle reserve {a.reserves['throttle']}"
+    if a.stall_pct is not None:
+        return f"memory stall {a.stall_pct:.1f}%"
+    return "the domain's memory limit was hit (memory.events)"

@@ -1,0 +1,123 @@
+"""Reading a pressure domain for the ladder: the kernel's numbers (usage, PSI stall, memory.events.local) and
+the core's calls, turned into the immutable snapshots of model.py. Reads only; no decision here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agentd.core.config import Config
+from agentd.core.intents import class_bytes
+from agentd.core.sessions import Priority, Session
+from agentd.core.toolcalls import CallState, ToolCall
+from agentd.kernel import cgroupfs, psi
+from agentd.policy.model import CallView, DomainState, MemoryEvents, SessionPressure
+
+log = logging.getLogger(__name__)
+
+SESSIONS_DOMAIN = "sessions"
+
+
+def session_domain(session_id: str) -> str:
+    return f"session:{session_id}"
+
+
+@dataclass(eq=False)
+class StallMeter:
+    """PSI 'some' memory stall in % between two readings of a cgroup's cumulative counter (read once per decision
+    time: a cgroup in two domains gets the same value)."""
+
+    enabled: bool
+    _last: dict[Path, tuple[float, int, float]] = field(default_factory=dict)  # time, total µs, pct
+
+    def read(self, path: Path, now: float) -> float | None:
+        if not self.enabled:
+            return None
+        last = self._last.get(path)
+        if last is not None and last[0] == now:
+            return last[2]
+        total = psi.some_stall_us(path)
+        if total is None:
+            return None
+        pct = 0.0 if last is None or now <= last[0] else min(100.0, (total - last[1]) / ((now - last[0]) * 1e4))
+        self._last[path] = (now, total, pct)
+        return pct
+
+    def last(self, path: Path) -> float | None:
+        """The last reading's stall, without reading."""
+        last = self._last.get(path)
+        return last[2] if last is not None and self.enabled else None
+
+    def forget(self, path: Path) -> None:
+        self._last.pop(path, None)
+
+
+@dataclass(eq=False)
+class EventsMeter:
+    """The rise of a cgroup's own memory.events.local counters since the previous reading (its descendants' events
+    are theirs: a call at its own memory.high is no pressure on the domain)."""
+
+    _last: dict[Path, dict[str, int]] = field(default_factory=dict)
+
+    def read(self, path: Path) -> MemoryEvents:
+        now = cgroupfs.parse_flat_keyed(cgroupfs.read_text(path / "memory.events.local"))
+        last = self._last.get(path, now)
+        self._last[path] = now
+
+        def rise(key: str) -> int:
+            return max(now.get(key, 0) - last.get(key, 0), 0)
+
+        return MemoryEvents(high=rise("high"), max=rise("max"), oom=rise("oom"), oom_kill=rise("oom_kill"))
+
+    def forget(self, path: Path) -> None:
+        self._last.pop(path, None)
+
+
+def limit_above(path: Path, mount: Path, host_reserve: int) -> int:
+    """The memory a cgroup can have: the smallest memory.max on it or above it inside the mount, or physical memory
+    minus the host's reserve."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - host_reserve
+    here = path
+    while here.is_relative_to(mount) and here != mount:
+        text = cgroupfs.read_text(here / "memory.max")
+        if text is not None and text.strip() != "max":
+            limit = min(limit, int(text))
+        here = here.parent
+    return max(limit, 1)
+
+
+def call_view(call: ToolCall, session: Session, config: Config) -> CallView | None:
+    """A running call as the ladder sees it; None if it is not running (pending, finished) or gone."""
+    if call.state not in (CallState.RUNNING, CallState.FROZEN):
+        return None
+    usage = cgroupfs.memory_current(call.path)
+    if usage < 0:
+        return None
+    intent = call.intent
+    return CallView(
+        id=call.id,
+        session_id=call.session_id,
+        priority=session.spec.priority or Priority.NORMAL,
+        usage=usage,
+        expected=intent.expected_memory_bytes or class_bytes(intent.memory_class, config),
+        memory_high=call.limits.memory_high,
+        memory_max=call.limits.memory_max,
+        frozen=(cgroupfs.read_text(call.path / "cgroup.freeze") or "0").strip() == "1",
+    )
+
+
+def domain_state(
+    name: str, path: Path, limit: int, sessions: list[Session], stall: StallMeter, events: EventsMeter, now: float
+) -> DomainState:
+    return DomainState(
+        name=name,
+        limit=limit,
+        usage=max(cgroupfs.memory_current(path), 0),
+        stall_pct=stall.read(path, now),
+        sessions=tuple(SessionPressure(s.id, s.spec.priority or Priority.NORMAL, stall.read(s.path, now))
+                       for s in sessions),
+        events=events.read(path),
+    )
