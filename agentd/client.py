@@ -90,6 +90,11 @@ class Client:
         deadline = self.timeout if timeout == DEFAULT_TIMEOUT else timeout
         return getattr(stub, method)(request, timeout=deadline, metadata=self._metadata, wait_for_ready=True)
 
+    def watch_policy(self, session_id: str = "") -> Any:
+        """The memory policy's events as they happen (a stream: iterate it; cancel() ends it). A sandbox client
+        gets its own session's events."""
+        return self.stub.WatchPolicy(pb.WatchPolicyRequest(session_id=session_id), metadata=self._metadata)
+
     # ----- tool calls --------------------------------------------------------------------------------------
 
     def begin(

@@ -4,14 +4,17 @@ needs the memory controller: tests/guest/test_policy_guest.py.)"""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import threading
+import time
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-from support import Daemon, create_session, rpc_error
+from support import AGENTCTL, Daemon, create_session, rpc_error
 
 from agentd.api.gen import agentd_pb2 as pb
 
@@ -46,13 +49,13 @@ def test_a_sandbox_watches_only_its_own_session(daemon: Daemon) -> None:
         other, _ = create_session(admin, "watch-other")
         try:
             with daemon.sandbox(token) as sandbox:
-                err = rpc_error(lambda: next(iter(sandbox.stub.WatchPolicy(
-                    pb.WatchPolicyRequest(session_id=other), metadata=sandbox._metadata, timeout=5))))
+                err = rpc_error(lambda: next(iter(sandbox.watch_policy(other))))
                 assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-                stream = sandbox.stub.WatchPolicy(pb.WatchPolicyRequest(), metadata=sandbox._metadata, timeout=0.5)
+                stream = sandbox.watch_policy()
+                threading.Timer(0.5, stream.cancel).start()
                 with pytest.raises(grpc.RpcError) as idle:
-                    next(iter(stream))  # nothing happens here: the stream stays open until the deadline
-                assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    next(iter(stream))  # nothing happens here: the stream stays open until cancelled
+                assert idle.value.code() == grpc.StatusCode.CANCELLED
         finally:
             for sid in (mine, other):
                 admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))
@@ -78,3 +81,20 @@ def test_the_policy_can_be_turned_off(daemon_factory: Callable[..., Daemon]) -> 
         status = admin.call("GetStatus", pb.GetStatusRequest())
     assert not status.policy.enabled and list(status.policy.domains) == []
     d.stop()
+
+
+def test_agentctl_shows_the_policy_and_follows_its_events(daemon: Daemon) -> None:
+    status = subprocess.run([*AGENTCTL, "status"], env=daemon.env(), capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "memory policy: on (" in status.stdout and "  sessions: " in status.stdout
+    watch = subprocess.Popen([*AGENTCTL, "watch"], env=daemon.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        time.sleep(1.0)
+        assert watch.poll() is None  # following
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0, watch.stderr.read() if watch.stderr else ""
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()

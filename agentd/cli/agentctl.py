@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reason", default="")
 
     sub.add_parser("status", help="what is enforced on this kernel, pressure, counts")
+    watch = sub.add_parser("watch", help="follow the memory policy's events (pressure, throttle, freeze, kill, ...)")
+    watch.add_argument("--session", default="", help="one session's events (a sandbox sees only its own)")
+    watch.add_argument("--json", action="store_true", help="one JSON object per event")
     return parser
 
 
@@ -198,6 +202,37 @@ def cmd_status(client: Client) -> int:
         print(f"pressure {p.resource}: some avg10 {p.some_avg10:.2f}%, full avg10 {p.full_avg10:.2f}%")
     for warning in status.warnings:
         print(f"warning: {warning}")
+    policy = status.policy
+    print(f"memory policy: {'on' if policy.enabled else 'off'} ({policy.signals or 'no signals'})")
+    for d in policy.domains:
+        stall = f", stall {d.stall_pct:.1f}%" if d.stall_pct >= 0 else ""
+        print(f"  {d.domain}: {format_size(d.usage_bytes)} of {format_size(d.limit_bytes)} "
+              f"({format_size(max(d.headroom_bytes, 0))} free{stall}), ladder {d.level}, {d.calls_held} calls held")
+    return 0
+
+
+def describe_event(event: pb.PolicyEvent) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(event.time_unix)) + f".{int(event.time_unix % 1 * 1000):03d}"
+    what = f"{event.kind} {event.call_id} ({event.session_id}, uses {format_size(event.call_usage_bytes)}, " \
+           f"declared {format_size(event.call_expected_bytes)})" if event.call_id else event.kind
+    if event.kind in ("throttle", "restore") and event.memory_high_bytes:
+        what += f" memory.high {format_size(event.memory_high_bytes)}"
+    domain = f"{event.domain} {format_size(event.domain_usage_bytes)}/{format_size(event.domain_limit_bytes)}"
+    return f"{when} {domain}: {what}" + (f": {event.reason}" if event.reason else "") + "\n"
+
+
+def cmd_watch(client: Client, args: argparse.Namespace) -> int:
+    """Follow the policy's events until interrupted (Ctrl-C ends it quietly)."""
+    stream = client.watch_policy(args.session)
+    try:
+        for event in stream:
+            if args.json:
+                sys.stdout.write(json.dumps(json_format.MessageToDict(event, preserving_proto_field_name=True)) + "\n")
+            else:
+                sys.stdout.write(describe_event(event))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.cancel()
     return 0
 
 
@@ -217,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_calls(client, args)
         if args.command == "status":
             return cmd_status(client)
+        if args.command == "watch":
+            return cmd_watch(client, args)
         if args.command == "show-call":
             _print_json(client.call("GetToolCall", pb.ToolCallRequest(call_id=args.call_id)))
         elif args.command == "kill":
