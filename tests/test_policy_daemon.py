@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import threading
 import time
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
