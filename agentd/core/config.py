@@ -178,7 +178,8 @@ class Config:
         "sessions", "default_pids_budget", "int", 16384, "session pids.max when none is given", 1, 4194304))
     default_memory_protected_high: int = field(metadata=_key(
         "sessions", "default_memory_protected_high", "size", "0",
-        "memory.low of HIGH sessions that declare no protected memory; 0 = none"))
+        "memory.low of HIGH sessions that declare no protected memory; 0 = their whole working set (memory.low "
+        "max): reclaim under sessions/'s limit takes from lower priorities first"))
     oom_score_adj_high: int = field(metadata=_key(
         "sessions", "oom_score_adj_high", "int", 0,
         "oom_score_adj given to the tool-call processes of HIGH sessions (their children inherit it): when the "

@@ -117,12 +117,12 @@ class Session:
 
     def knobs(self, config: Config) -> dict[str, str]:
         spec = self.spec
-        protected = spec.memory_protected
-        if spec.priority == Priority.HIGH and not protected:
-            protected = config.default_memory_protected_high
+        low = str(spec.memory_protected)
+        if spec.priority == Priority.HIGH and not spec.memory_protected:
+            low = str(config.default_memory_protected_high or "max")
         return {
             "memory.max": str(spec.memory_budget) if spec.memory_budget else "max",
-            "memory.low": str(protected),
+            "memory.low": low,
             "cpu.weight": str(self.cpu_weight(config)),
             "pids.max": str(spec.pids_budget or config.default_pids_budget),
         }

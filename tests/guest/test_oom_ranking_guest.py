@@ -45,3 +45,15 @@ def test_an_ancestor_oom_takes_the_low_call_not_the_larger_high_one(daemon: Daem
             for pid in pids:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+
+
+def test_high_sessions_working_sets_are_protected_by_default(daemon: Daemon) -> None:
+    with daemon.admin() as admin:
+        high, _ = create_session(admin, "protected-high", priority=pb.PRIORITY_HIGH)
+        normal, _ = create_session(admin, "protected-normal", priority=pb.PRIORITY_NORMAL)
+        try:
+            assert (daemon.session_path(high) / "memory.low").read_text().strip() == "max"
+            assert (daemon.session_path(normal) / "memory.low").read_text().strip() == "0"
+        finally:
+            for sid in (high, normal):
+                admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))
