@@ -61,7 +61,7 @@ class Running:
         call.state = CallState.RUNNING
         call.started = time.time()
         call.timers.append(self.loop.call_later(call.limits.timeout_seconds, self._timed_out, call))
-        log.info("call started", extra={"call": call.id, "session": call.session_id, "pid": pid})
+        log.debug("call started", extra={"call": call.id, "session": call.session_id, "pid": pid})
         try:
             cgroupfs.set_label(call.path, STARTED_LABEL, f"{call.started!r} {pid}".encode())
         except cgroupfs.CgroupError as exc:
