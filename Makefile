@@ -8,7 +8,7 @@ ARGS ?=
 APT_PACKAGES := python3 python3-venv python3-dev build-essential make git clang llvm libbpf-dev bpftool \
 	libbpf1 iproute2 procps util-linux systemd
 
-.PHONY: setup apt venv proto bpf test test-host test-kernel testbed-image lint clean
+.PHONY: setup apt venv proto bpf test test-host test-kernel testbed-image lint clean bench-isolation
 
 setup: apt venv proto bpf
 	bash vagrant/host-setup.sh
@@ -41,6 +41,16 @@ test-host:
 
 test-kernel:
 	bash vagrant/run-tests.sh $(ARGS)
+
+# The isolation benchmark (issue 10, docs/benchmarks.md) in the testbed guest. The guest sees only the working
+# tree, so the shared traces are staged into build/ first. BENCH_ARGS go to bench/isolation.py.
+BENCH_ARGS ?= --setup A,B --runs 1
+bench-isolation:
+	test -d ../shared/traces/haiku || { echo "bench-isolation: ../shared/traces/haiku not found" >&2; exit 1; }
+	mkdir -p build/bench-isolation/traces
+	cp -r --no-preserve=mode ../shared/traces/haiku/. build/bench-isolation/traces/
+	AGENTD_TESTBED_MEM=$${AGENTD_TESTBED_MEM:-6G} AGENTD_TESTBED_TIMEOUT=$${AGENTD_TESTBED_TIMEOUT:-7200} \
+		AGENTD_TESTBED_EXEC='python3 bench/isolation.py $(BENCH_ARGS)' bash vagrant/run-tests.sh
 
 testbed-image:
 	bash vagrant/build-image.sh --force
