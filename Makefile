@@ -6,11 +6,11 @@ GEN := agentd/api/gen
 ARGS ?=
 
 APT_PACKAGES := python3 python3-venv python3-dev build-essential make git clang llvm libbpf-dev bpftool \
-	libbpf1 iproute2 procps util-linux systemd
+	libbpf1 iproute2 procps util-linux systemd prometheus protobuf-c-compiler libprotobuf-c-dev
 
-.PHONY: setup apt venv proto bpf test test-host test-kernel testbed-image lint clean bench-isolation
+.PHONY: setup apt venv proto bpf launcher test test-host test-kernel testbed-image lint clean bench-isolation install uninstall
 
-setup: apt venv proto bpf
+setup: apt venv proto bpf launcher
 	bash vagrant/host-setup.sh
 
 apt:
@@ -34,6 +34,10 @@ proto:
 bpf:
 	$(MAKE) -C bpf
 
+# agentd-run, the static launcher (launcher/, issue 11)
+launcher:
+	$(MAKE) -C launcher
+
 test: test-host test-kernel
 
 test-host:
@@ -55,9 +59,16 @@ bench-isolation:
 testbed-image:
 	bash vagrant/build-image.sh --force
 
+# Install as a systemd service at FHS paths (systemd/install.sh; README "Running the daemon"), or remove it.
+install: proto bpf
+	bash systemd/install.sh $(INSTALL_ARGS)
+
+uninstall:
+	bash systemd/install.sh --uninstall $(INSTALL_ARGS)
+
 lint:
 	$(PY) -m ruff check agentd tests bench
 	$(PY) -m mypy agentd
 
 clean:
-	rm -rf $(GEN) bpf/build
+	rm -rf $(GEN) bpf/build launcher/build

@@ -3,6 +3,11 @@
 Sandbox mode (a session token is given, e.g. $AGENTD_SESSION_TOKEN): talks to the Sandbox service on the
 sandbox socket, confined to that session. Admin mode (no token): talks to the Admin service.
 
+Transport of a tool call's begin and end (run(), begin() with a pid): in sandbox mode the join socket's framed
+protocol by default (BEGIN/END, no gRPC round trip: the fast path), or gRPC with transport="grpc" (or
+$AGENTD_TRANSPORT=grpc). Everything else, and admin mode, is gRPC. If the join socket cannot be reached, the
+call goes through gRPC (which waits for a restarting daemon).
+
     from agentd.client import Client
     with Client.from_env() as client:
         outcome = client.run(["pytest", "-x"], tool="pytest", expected_memory_bytes=2 << 30)
@@ -18,13 +23,13 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 import grpc
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.gen import agentd_pb2_grpc as pb_grpc
-from agentd.joinclient import JoinError, Placement
+from agentd.joinclient import Framed, JoinError, Placement, recorded_argv
 from agentd.launch import launch, relay, release
 from agentd.wire import PLACEMENT_METADATA, TOKEN_METADATA
 
@@ -32,6 +37,7 @@ ADMIN_SOCKET = "/run/agentd/admin.sock"
 SANDBOX_SOCKET = "/run/agentd/sandbox.sock"
 # Exit code of `agentctl run` when the command never ran (as a shell reports it).
 EXIT_NOT_STARTED = 126
+TRANSPORTS = ("join", "grpc")
 DEFAULT_TIMEOUT = -1.0  # sentinel: the client's default deadline
 
 
@@ -48,8 +54,14 @@ class RunOutcome:
 
 
 class Client:
-    def __init__(self, socket_path: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, socket_path: str | None = None, token: str | None = None, timeout: float = 30.0,
+        transport: str = "join", join_socket: str | None = None,
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {transport!r}")
         self.token = token
+        self.transport = transport if token else "grpc"  # BEGIN on the join socket is authorized by a token
         path = socket_path or (SANDBOX_SOCKET if token else ADMIN_SOCKET)
         self.channel = grpc.insecure_channel(f"unix:{path}")
         # The generated stubs are untyped; responses are typed where this client returns them.
@@ -58,14 +70,19 @@ class Client:
         self.timeout = timeout
         self._metadata = ((TOKEN_METADATA, token),) if token else ()
         self._join: Placement | None = None  # one join connection, reused for every call this client places
-        self._join_path: str | None = None
+        self._join_path: str | None = join_socket
         self._placed: set[str] = set()
+        self._framed: Framed | None = None  # the framed join connection (fast path), opened on first use
+        self._framed_calls: set[str] = set()
 
     @staticmethod
     def from_env(socket_path: str | None = None) -> Client:
-        """$AGENTD_SESSION_TOKEN selects sandbox mode; $AGENTD_SOCKET overrides the socket path."""
+        """$AGENTD_SESSION_TOKEN selects sandbox mode; $AGENTD_SOCKET overrides the socket path,
+        $AGENTD_JOIN_SOCKET the join socket's (default: as agentd reports it), $AGENTD_TRANSPORT the transport."""
         token = os.environ.get("AGENTD_SESSION_TOKEN") or None
-        return Client(socket_path or os.environ.get("AGENTD_SOCKET") or None, token)
+        return Client(socket_path or os.environ.get("AGENTD_SOCKET") or None, token,
+                      transport=os.environ.get("AGENTD_TRANSPORT") or "join",
+                      join_socket=os.environ.get("AGENTD_JOIN_SOCKET") or None)
 
     def __enter__(self) -> Client:
         return self
@@ -82,6 +99,13 @@ class Client:
             self._join.close()
             self._join = None
         self._placed.clear()
+        self._drop_framed()
+
+    def _drop_framed(self) -> None:
+        if self._framed is not None:
+            self._framed.close()
+            self._framed = None
+        self._framed_calls.clear()
 
     def call(self, method: str, request: Any, timeout: float | None = DEFAULT_TIMEOUT, admin: bool = False) -> Any:
         """Invoke an RPC by name with the session token attached; waits for a restarting daemon.
@@ -104,12 +128,46 @@ class Client:
         placed into the call before the answer: its pidfd goes ahead on the join connection (HOLD). Without,
         a process joins later with the answer's join token (spawn(), place())."""
         request = pb.BeginToolCallRequest(session_id=session_id, intent=intent, report_exit=report_exit)
+        if pid is not None and self.transport == "join":
+            begun = self._begin_framed(request, pid)
+            if begun is not None:
+                return begun
         if pid is not None:
             request.held_process = self._hold(pid)
         response: pb.BeginToolCallResponse = self.call("BeginToolCall", request)
         if pid is not None:
             self._placed.add(response.call_id)
         return response
+
+    def _begin_framed(self, request: pb.BeginToolCallRequest, pid: int) -> pb.BeginToolCallResponse | None:
+        """BEGIN on the framed join connection (opened on first use, once more if agentd had closed it);
+        None when the join socket cannot be reached (the caller falls back to gRPC). agentd's refusal raises
+        JoinRefusal, a grpc.RpcError as BeginToolCall would have raised it."""
+        request.intent.argv[:] = recorded_argv(list(request.intent.argv))
+        pidfd = os.pidfd_open(pid)
+        try:
+            for attempt in (1, 2):
+                if self._framed is None:
+                    try:
+                        self._framed = Framed(self._join_socket(), self.token or "", max(self.timeout, 120.0))
+                    except OSError:
+                        return None
+                try:
+                    begun = self._framed.begin(request, pidfd)
+                except BrokenPipeError:  # closed by agentd while idle: the request never left
+                    self._drop_framed()
+                    if attempt == 2:
+                        raise
+                    continue
+                except JoinError as exc:
+                    if exc.code == "UNAVAILABLE":
+                        self._drop_framed()
+                    raise JoinRefusal(exc) from None
+                self._framed_calls.add(begun.call_id)
+                return begun
+        finally:
+            os.close(pidfd)
+        raise AssertionError("unreachable")
 
     def _hold(self, pid: int) -> str:
         ref = secrets.token_urlsafe(18)
@@ -129,6 +187,12 @@ class Client:
         """Report the tool's wait status (None: unknown; a running call is then cancelled) and return the result.
         A call placed by this client is ended on the join connection; otherwise, or if that connection broke (a
         daemon restart), through EndToolCall."""
+        if call_id in self._framed_calls and self._framed is not None:
+            self._framed_calls.discard(call_id)
+            try:
+                return self._framed.end(call_id, wait_status)
+            except (OSError, JoinError):
+                self._drop_framed()
         if call_id in self._placed and self._join is not None:
             self._placed.discard(call_id)
             try:
@@ -211,6 +275,7 @@ class Client:
         except BaseException as exc:
             os.close(go)  # the waiting child reads EOF and exits 126 without running argv
             _, held = os.waitpid(pid, 0)
+            code = EXIT_NOT_STARTED
             if _placement_refused(exc):
                 message = f"agentd: could not place the tool call's process: {exc.code().name}: {exc.details()}"
             elif isinstance(exc, RunError):
@@ -219,7 +284,8 @@ class Client:
                 raise
             if os.WIFSIGNALED(held):  # e.g. a forwarded SIGTERM while agentd had not answered yet
                 message += f" (stopped by {signal.Signals(os.WTERMSIG(held)).name} before it ran)"
-            raise RunError(message, shell_code(held)) from None
+                code = shell_code(held)
+            raise RunError(message, code) from None
         release(go)
         _, status = os.waitpid(pid, 0)
         result = self.end(begun.call_id, status)
@@ -236,6 +302,31 @@ def _placement_refused(exc: BaseException) -> TypeGuard[grpc.RpcError]:
     if not isinstance(exc, grpc.RpcError):
         return False
     return any(m.key == PLACEMENT_METADATA for m in exc.trailing_metadata() or ())
+
+
+class JoinRefusal(grpc.RpcError):
+    """An ERROR answer on the join socket, raised as the gRPC error BeginToolCall would have raised: the same
+    code, details and, for a process that could not be placed, the trailing metadata x-agentd-placement."""
+
+    def __init__(self, error: JoinError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+    def code(self) -> grpc.StatusCode:
+        return getattr(grpc.StatusCode, self.error.code, grpc.StatusCode.UNKNOWN)
+
+    def details(self) -> str:
+        return str(self.error).split(": ", 1)[-1]
+
+    def trailing_metadata(self) -> tuple[Any, ...]:  # of Metadatum (grpc-stubs name a private class)
+        return (Metadatum(PLACEMENT_METADATA, "refused"),) if self.error.placement_refused else ()
+
+
+class Metadatum(NamedTuple):
+    """One item of trailing metadata, as gRPC gives it."""
+
+    key: str
+    value: str
 
 
 class RunError(RuntimeError):

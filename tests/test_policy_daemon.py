@@ -98,3 +98,18 @@ def test_agentctl_shows_the_policy_and_follows_its_events(daemon: Daemon) -> Non
         if watch.poll() is None:
             watch.kill()
             watch.wait()
+
+
+def test_a_sandbox_sees_no_other_sessions_domain(daemon: Daemon) -> None:
+    with daemon.admin() as admin:
+        mine, token = create_session(admin, "dom-mine", memory_budget_bytes=128 << 20)
+        other, _ = create_session(admin, "dom-other", memory_budget_bytes=128 << 20)
+        try:
+            with daemon.sandbox(token) as sandbox:
+                seen = {d.domain for d in sandbox.call("GetStatus", pb.GetStatusRequest()).policy.domains}
+            assert seen == {"sessions", f"session:{mine}"}
+            everything = {d.domain for d in admin.call("GetStatus", pb.GetStatusRequest()).policy.domains}
+            assert f"session:{other}" in everything
+        finally:
+            for sid in (mine, other):
+                admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))

@@ -164,6 +164,7 @@ def call_to_pb(call: ToolCall, memory_current: int, pids: list[int]) -> pb.ToolC
         pids=pids,
         cgroup=str(call.path),
         implicit=call.implicit,
+        throttled=call.policy.throttled_since is not None,
     )
 
 

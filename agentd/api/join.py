@@ -12,6 +12,18 @@ One line per request and per answer, on a Unix stream socket:
     END <call id> <wait status|->   only for a call placed on this connection: the tool's wait status;
       -> RESULT <base64 ToolCallResult> | ERR <CODE> <message>     (answered once the call is finalised)
 
+Framed protocol (the hot path of a declared tool call; layout and kinds in proto/agentd.proto, above JoinHello):
+a connection whose first byte is 0 speaks length-prefixed frames whose payloads are the API's protobuf messages.
+HELLO (JoinHello: version, session token) first; BEGIN (BeginToolCallRequest + the pidfd of the held process)
+-> BEGUN (BeginToolCallResponse) | ERROR (JoinError); END (EndToolCallRequest) -> RESULT (ToolCallResult) |
+ERROR. BEGIN is the Sandbox service's BeginToolCall (agentd.api.servicer: the same authorization, validation,
+admission and placement); its pidfd counts as a HOLD for the quotas below while it is handled. Requests are
+handled one at a time, in order: while one is, nothing more is read. A frame's length outside 1..MAX_FRAME,
+an undecodable HELLO, a wrong version, a first frame that is not HELLO or a descriptor not alone with the end of
+a BEGIN frame gets an ERROR (a descriptor: none) and closes the connection; a bad BEGIN or END is answered
+with an ERROR and the connection stays. A framed connection with calls awaiting their END is not closed
+for idleness (their tools may run for hours); it holds no descriptor meanwhile.
+
 HOLD lets a launcher place its child before exec without running code in the child and without a round trip
 of its own, and keeps the connection for END: a tool call costs one gRPC round trip (BeginToolCall, which
 places the child) plus one on this socket. The sender of a HOLD and its process are checked at placement
@@ -50,13 +62,24 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from google.protobuf.message import DecodeError, Message
+
+from agentd.api.decoding import undecodable_field
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.status import message, status_code
-from agentd.core.errors import AgentdError, FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted
+from agentd.core.errors import (
+    AgentdError,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    bounded,
+)
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 MAX_LINE = 512
 READ_SIZE = 4096  # bytes taken per read: several pipelined lines at once, never a descriptor more
@@ -77,6 +100,14 @@ MAX_HELD = 4096  # in all: 128 owners at their quota
 MAX_PLACED_PER_CONNECTION = 256  # calls awaiting their END on one connection: as many as a session may run
 MAX_REFUSED_REMEMBERED = 1024  # refused HOLDs whose BeginToolCall is told at once (older ones: after the wait)
 LOG_INTERVAL_SECONDS = 1.0  # a refusal of one kind for one owner is logged at most this often
+# Framed protocol: a frame is a 4-byte big-endian length of what follows (kind + payload), a kind, a payload.
+FRAME_VERSION = 1
+MAX_FRAME = 64 * 1024  # an intent's argv is for records only: clients cut it to fit
+FRAME_HEADER = struct.Struct(">IB")
+_LENGTH = struct.Struct(">I")
+FRAME_READ_SIZE = MAX_FRAME + 1024  # a BEGIN frame (with the HELLO before it) arrives with its descriptor in one read
+HELLO, BEGIN, END = 1, 2, 3
+BEGUN, RESULT, ERROR = 129, 130, 255
 EXPECTED = "expected 'HOLD <ref>', 'JOIN <token>' or 'END <call id> <wait status>'"
 _UCRED = struct.Struct("3i")
 # Room for exactly one descriptor (CMSG_SPACE would round up to room for two on 64-bit).
@@ -86,12 +117,24 @@ _FD_SPACE = socket.CMSG_LEN(struct.calcsize("i"))
 Placer = Callable[[str, int, int | None], str]
 # (call id, wait status or None) -> result
 Ender = Callable[[str, int | None], Awaitable[pb.ToolCallResult]]
+# (request, session token, sender pid, pidfd, called with the call id once placed) -> the answer; raises
+# PlacementRefused when the process could not be placed
+Beginner = Callable[[pb.BeginToolCallRequest, str, int, int, Callable[[str], None]],
+                    Awaitable[pb.BeginToolCallResponse]]
 # (pid, uid) of a connecting process -> its owner ("session:<id>", "uid:<uid>"); None once it has exited
 Identify = Callable[[int, int], str | None]
 
 
 class HoldRefused(ResourceExhausted):
     """The HOLD a BeginToolCall names was refused: its owner was at a quota."""
+
+
+class PlacementRefused(Exception):
+    """A BeginToolCall's held process could not be placed (`cause`): the command never ran, no call is left."""
+
+    def __init__(self, cause: AgentdError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass
@@ -141,6 +184,62 @@ def parse_wait_status(text: str) -> int | None:
     return status
 
 
+def wait_status_of(request: pb.EndToolCallRequest) -> int | None:
+    """An EndToolCallRequest's exit status as the wait status END carries (None: unknown)."""
+    if not request.has_exit_status:
+        return None
+    if request.exit_signal:
+        if not 0 < request.exit_signal < 0x7F:
+            raise ValueError(f"exit_signal: not a signal: {request.exit_signal}")
+        return int(request.exit_signal)
+    if not 0 <= request.exit_code <= 255:
+        raise ValueError(f"exit_code: must be 0-255, not {request.exit_code}")
+    return int(request.exit_code) << 8
+
+
+def split_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The complete frames at the start of `buffer` as (kind, payload), and what is left; ValueError for a
+    length outside 1..MAX_FRAME."""
+    frames: list[tuple[int, bytes]] = []
+    pos = 0
+    while len(buffer) - pos >= _LENGTH.size:
+        (length,) = _LENGTH.unpack_from(buffer, pos)
+        if not 0 < length <= MAX_FRAME:
+            raise ValueError(f"a frame of {length} bytes (1 to {MAX_FRAME})")
+        end = pos + _LENGTH.size + length
+        if end > len(buffer):
+            break
+        frames.append((buffer[pos + _LENGTH.size], buffer[pos + FRAME_HEADER.size : end]))
+        pos = end
+    return frames, buffer[pos:]
+
+
+def decode(cls: type[M], payload: bytes) -> M:
+    """A frame's payload as message `cls`; ValueError naming the field at fault and why when it does not decode."""
+    try:
+        return cls.FromString(payload)
+    except DecodeError:
+        descriptor: Any = cls.DESCRIPTOR
+        field, why = undecodable_field(descriptor, payload)
+        name = descriptor.name
+        raise ValueError(f"{name}.{field}: {why}" if field != "request" else f"not a {name}: {why}") from None
+
+
+def frame(kind: int, message: Any) -> bytes:
+    """One frame holding a protobuf message."""
+    payload: bytes = message.SerializeToString()
+    return FRAME_HEADER.pack(len(payload) + 1, kind) + payload
+
+
+def frame_descriptor_fault(frames: list[tuple[int, bytes]], rest: bytes) -> str | None:
+    """Why frames read together with a descriptor break the rule that it comes alone with the end of a BEGIN
+    frame (a HELLO may come first), or None."""
+    kinds = [kind for kind, _ in frames]
+    if rest or kinds not in ([BEGIN], [HELLO, BEGIN]):
+        return "a descriptor not alone with the end of a BEGIN frame"
+    return None
+
+
 def pidfd_pid(fd: int) -> int:
     """The pid (in our namespace) a pidfd refers to; -1 once the process is gone."""
     info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -175,11 +274,17 @@ class _Connection:
         self.placed: OrderedDict[str, None] = OrderedDict()  # calls placed here awaiting END, oldest first
         self.active = server.loop.time()  # of the last request or answer
         self.idle = server.loop.call_later(IDLE_TIMEOUT_SECONDS, self._check_idle)
+        self.framed: bool | None = None  # decided by the first byte
+        self.token: str | None = None  # the HELLO's session token (framed)
+        self.busy = False  # a framed request is being handled: nothing more is read meanwhile
+        self.pending: list[tuple[int, bytes]] = []  # frames read but not handled yet (no descriptor)
+        self.beginning = 0  # BEGINs being handled: their pidfds count as HOLDs
         server.loop.add_reader(sock.fileno(), self.readable)
 
     def readable(self) -> None:
         try:
-            data, ancdata, flags, _addr = self.sock.recvmsg(READ_SIZE, _FD_SPACE)
+            size = READ_SIZE if self.framed is False else FRAME_READ_SIZE
+            data, ancdata, flags, _addr = self.sock.recvmsg(size, _FD_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -195,6 +300,11 @@ class _Connection:
     def _received(self, data: bytes, flags: int, fds: list[int]) -> None:
         if not data:
             self.close()
+            return
+        if self.framed is None:
+            self.framed = data[0] == 0
+        if self.framed:
+            self._frames(data, flags, fds)
             return
         fault = descriptor_fault(len(fds), flags, data)
         if fault is not None:
@@ -244,6 +354,161 @@ class _Connection:
         except Exception as exc:  # every request gets an answer
             self.failed(verb, exc)
 
+    # ----- framed protocol ----------------------------------------------------------------------------------
+
+    def _frames(self, data: bytes, flags: int, fds: list[int]) -> None:
+        if flags & socket.MSG_CTRUNC:
+            self.violation("more than one descriptor in a message")
+            return
+        self._touch()
+        try:
+            frames, self.buffer = split_frames(self.buffer + data)
+        except ValueError as exc:
+            self.fatal("INVALID_ARGUMENT", str(exc))
+            return
+        if fds:
+            fault = frame_descriptor_fault(frames, self.buffer)
+            if fault is not None:
+                self.violation(fault)
+                return
+        self.pending.extend(frames)
+        self._pump(fds)
+
+    def _pump(self, fds: list[int]) -> None:
+        """Handle pending frames in order until one keeps the connection busy (the descriptor goes with the
+        last frame, the BEGIN it arrived with)."""
+        while self.pending and self.open and not self.busy:
+            kind, payload = self.pending.pop(0)
+            self._frame(kind, payload, fds if not self.pending else [])
+        if self.open and not self.busy:
+            self.server.loop.add_reader(self.sock.fileno(), self.readable)
+
+    def _frame(self, kind: int, payload: bytes, fds: list[int]) -> None:
+        if self.token is None and kind != HELLO:
+            self.fatal("FAILED_PRECONDITION", f"the first frame must be HELLO (kind {HELLO}), not kind {kind}")
+        elif kind == HELLO:
+            self._hello(payload)
+        elif kind == BEGIN:
+            self._begin(payload, fds)
+        elif kind == END:
+            self._end(payload)
+        else:
+            self.fatal("INVALID_ARGUMENT", f"unknown frame kind {kind} (HELLO {HELLO}, BEGIN {BEGIN}, END {END})")
+
+    def _hello(self, payload: bytes) -> None:
+        if self.token is not None:
+            self.fatal("INVALID_ARGUMENT", "a second HELLO")
+            return
+        try:
+            hello = decode(pb.JoinHello, payload)
+        except ValueError as exc:
+            self.fatal("INVALID_ARGUMENT", f"HELLO: {exc}")
+            return
+        if hello.version != FRAME_VERSION:
+            self.fatal("FAILED_PRECONDITION", f"join protocol version {hello.version} is not supported "
+                       f"(this agentd speaks version {FRAME_VERSION})")
+            return
+        self.token = hello.session_token
+
+    def _begin(self, payload: bytes, fds: list[int]) -> None:
+        try:
+            request = decode(pb.BeginToolCallRequest, payload)
+        except ValueError as exc:
+            self.error("INVALID_ARGUMENT", f"BEGIN: {exc}")
+            return
+        if self.server.beginner is None:
+            self.error("UNIMPLEMENTED", "BEGIN is not served on this socket")
+            return
+        if len(fds) != 1:
+            self.error("INVALID_ARGUMENT", "BEGIN needs the pidfd of the process to place, attached (SCM_RIGHTS)")
+            return
+        refusal = self.server.hold_refusal(self)
+        if refusal is not None:
+            self.server.note("hold", self.owner, "join socket: BEGIN refused, connection closed", why=refusal,
+                             pid=self.sender, held=len(self.server.held))
+            self.fatal("RESOURCE_EXHAUSTED", f"BEGIN refused: {refusal}")
+            return
+        self.beginning += 1  # counted at once: a BEGIN on another connection in this same read sees it
+        self.server.count(self.owner, held=1)
+        self._start(self._begun(request, fds.pop()))
+
+    async def _begun(self, request: pb.BeginToolCallRequest, pidfd: int) -> None:
+        try:
+            assert self.server.beginner is not None and self.token is not None  # checked before it started
+            response = await self.server.beginner(request, self.token, self.sender, pidfd, self.remember)
+        except PlacementRefused as exc:
+            self.error(status_code(exc.cause).name, message(exc.cause), placement_refused=True)
+        except Exception as exc:  # every request gets an answer
+            self.failed_frame("BEGIN", exc)
+        else:
+            self.send(frame(BEGUN, response))
+        finally:
+            os.close(pidfd)
+            self.beginning -= 1
+            self.server.count(self.owner, held=-1)
+
+    def _end(self, payload: bytes) -> None:
+        try:
+            request = decode(pb.EndToolCallRequest, payload)
+            wait_status = wait_status_of(request)
+        except ValueError as exc:
+            self.error("INVALID_ARGUMENT", f"END: {exc}")
+            return
+        if request.call_id not in self.placed:
+            self.error("PERMISSION_DENIED", "END is accepted only on the connection that placed the call")
+            return
+        del self.placed[request.call_id]
+        self._start(self._ended(request.call_id, wait_status))
+
+    async def _ended(self, call_id: str, wait_status: int | None) -> None:
+        try:
+            result = await self.server.ender(call_id, wait_status)
+        except Exception as exc:  # every request gets an answer
+            self.failed_frame("END", exc, call_id)
+            return
+        self.send(frame(RESULT, result))
+        self.server.answered()
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        """Handle a request that waits: nothing more is read until it is answered."""
+        self.busy = True
+        self.server.loop.remove_reader(self.sock.fileno())
+
+        async def then_next() -> None:
+            try:
+                await work
+            finally:
+                self.busy = False
+                self._pump([])
+
+        self.server.spawn(then_next())
+
+    def failed_frame(self, verb: str, exc: Exception, call_id: str = "") -> None:
+        code = status_code(exc).name
+        if not isinstance(exc, AgentdError):
+            log.error("join socket: %s failed unexpectedly", verb, exc_info=exc,
+                      extra={"owner": self.owner, "pid": self.sender, "call": call_id, "code": code})
+        self.error(code, message(exc))
+
+    def error(self, code: str, text: str, placement_refused: bool = False) -> None:
+        self.send(frame(ERROR, pb.JoinError(code=code, message=bounded(text), placement_refused=placement_refused)))
+
+    def fatal(self, code: str, text: str) -> None:
+        """A framing error: answered, then the connection is closed."""
+        self.server.note("protocol", self.owner, "join socket: framing error, connection closed", why=text,
+                         pid=self.sender)
+        self.error(code, text)
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        if not self.open:
+            return
+        self._touch()
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self.close()
+
     def _hold(self, ref: str, fds: list[int]) -> None:
         if len(fds) != 1 or not 0 < len(ref) <= MAX_REF or ref in self.server.held:
             self.violation("malformed HOLD")
@@ -292,7 +557,8 @@ class _Connection:
 
     def _check_idle(self) -> None:
         left = self.active + IDLE_TIMEOUT_SECONDS - self.server.loop.time()
-        if left > 0:
+        if left > 0 or (self.framed and (self.placed or self.busy)):
+            left = max(left, IDLE_TIMEOUT_SECONDS)
             self.idle = self.server.loop.call_later(left, self._check_idle)
         else:
             self.close()
@@ -338,7 +604,7 @@ class JoinServer:
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, path: Path, placer: Placer, ender: Ender, answered: Callable[[], None],
-        max_connections: int, identify: Identify,
+        max_connections: int, identify: Identify, beginner: Beginner | None = None,
     ) -> None:
         self.loop = loop
         self.max_connections = max_connections  # open at once, from all sandboxes
@@ -346,6 +612,7 @@ class JoinServer:
         self.ender = ender
         self.answered = answered  # called after each END's result went out
         self.identify = identify
+        self.beginner = beginner  # BEGIN on framed connections (None: answered UNIMPLEMENTED)
         self.connections: set[_Connection] = set()
         self.usage: dict[str, Usage] = {}  # by owner
         self.held: dict[str, Held] = {}
@@ -393,7 +660,7 @@ class JoinServer:
         if refusal is not None:
             self._refuse(sock, "RESOURCE_EXHAUSTED", refusal, owner, pid)
             return
-        self._count(owner, connections=1)
+        self.count(owner, connections=1)
         self.connections.add(_Connection(self, sock, pid, owner))
 
     def _listen(self) -> None:
@@ -411,9 +678,9 @@ class JoinServer:
         self.connections.discard(connection)
         for ref in list(connection.refs):
             self.drop(ref)
-        self._count(connection.owner, connections=-1)
+        self.count(connection.owner, connections=-1)
 
-    def _count(self, owner: str, connections: int = 0, held: int = 0) -> None:
+    def count(self, owner: str, connections: int = 0, held: int = 0) -> None:
         usage = self.usage.setdefault(owner, Usage())
         usage.connections += connections
         usage.held += held
@@ -439,13 +706,13 @@ class JoinServer:
 
     def hold_refusal(self, connection: _Connection) -> str | None:
         usage = self.usage.get(connection.owner, Usage())
-        return hold_refusal(len(connection.refs), connection.owner, usage, len(self.held))
+        return hold_refusal(len(connection.refs) + connection.beginning, connection.owner, usage, len(self.held))
 
     def hold(self, ref: str, connection: _Connection, pidfd: int) -> None:
         self.refused.pop(ref, None)
         self.held[ref] = Held(connection, pidfd, self.loop.call_later(HOLD_WAIT_SECONDS, self.drop, ref))
         connection.refs.add(ref)
-        self._count(connection.owner, held=1)
+        self.count(connection.owner, held=1)
         self._wake(ref)
 
     def refuse(self, ref: str, connection: _Connection, why: str) -> None:
@@ -468,7 +735,7 @@ class JoinServer:
         if held is not None:
             held.expiry.cancel()
             held.connection.refs.discard(ref)
-            self._count(held.connection.owner, held=-1)
+            self.count(held.connection.owner, held=-1)
         return held
 
     def drop(self, ref: str) -> None:

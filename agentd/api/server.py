@@ -123,13 +123,15 @@ async def serve(config: Config, policy_config: PolicyConfig | None = None) -> No
             lambda pid, uid: owners.owner_of(engine.tree, pid, uid),
         )
         _secure(config.join_socket, 0o666, None)
+        sandbox = Service(engine, policy, metrics, join_server, sandbox=True)
+        join_server.beginner = sandbox.begin_on_join  # BEGIN on the join socket: the Sandbox service's BeginToolCall
         servers.append(
             await _grpc_server(Service(engine, policy, metrics, join_server, sandbox=False), config.admin_socket,
                                config.admin_socket_mode, config.admin_gid, config.max_connections)
         )
         servers.append(
-            await _grpc_server(Service(engine, policy, metrics, join_server, sandbox=True), config.sandbox_socket,
-                               config.sandbox_socket_mode, None, config.max_connections)
+            await _grpc_server(sandbox, config.sandbox_socket, config.sandbox_socket_mode, None,
+                               config.max_connections)
         )
         if config.metrics_address:
             metrics.serve(config.metrics_address)

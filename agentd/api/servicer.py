@@ -7,6 +7,7 @@ session token in metadata `x-agentd-session-token` and are confined to that sess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -18,7 +19,7 @@ import grpc
 from agentd import __version__
 from agentd.api import convert, status
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.api.join import HoldRefused, JoinServer
+from agentd.api.join import HoldRefused, JoinServer, PlacementRefused, pidfd_pid
 from agentd.api.metrics import Metrics
 from agentd.core import errors, observe
 from agentd.core.engine import Engine
@@ -27,6 +28,7 @@ from agentd.core.results import ExitStatus, Result
 from agentd.core.sessions import Session
 from agentd.core.toolcalls import ToolCall
 from agentd.policy.loop import PolicyLoop
+from agentd.policy.snapshot import SESSIONS_DOMAIN, session_domain
 from agentd.wire import PLACEMENT_METADATA, TOKEN_METADATA
 
 log = logging.getLogger(__name__)
@@ -142,8 +144,11 @@ class Service:
 
     @rpc
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.Status:
-        self._scope(context)
+        scope = self._scope(context)
         engine, caps = self.engine, self.engine.caps
+        # A sandbox sees the shared domain and its own, never another session's.
+        domains = [d for d in self.policy.status()
+                   if scope is None or d.name in (SESSIONS_DOMAIN, session_domain(scope.id))]
         pressure = observe.pressure(engine.tree.root)
         return pb.Status(
             version=__version__,
@@ -163,7 +168,7 @@ class Service:
             bpf_errors=caps.bpf_errors,
             auto_capture=caps.bpf_lifecycle and engine.config.capture_enabled,
             policy=pb.PolicyStatus(enabled=self.policy.config.enabled, signals=self.policy.signals,
-                                   domains=[convert.domain_to_pb(d) for d in self.policy.status()]),
+                                   domains=[convert.domain_to_pb(d) for d in domains]),
         )
 
     # ----- tool calls --------------------------------------------------------------------------------------
@@ -171,21 +176,52 @@ class Service:
     @rpc
     async def BeginToolCall(self, request: pb.BeginToolCallRequest, context: Any) -> pb.BeginToolCallResponse:
         scope = self._scope(context)
+        placing = self._held_by_ref(request.held_process) if request.held_process else None
+        try:
+            return await self.begin_tool_call(request, scope, placing)
+        except PlacementRefused as exc:
+            context.set_trailing_metadata(((PLACEMENT_METADATA, "refused"),))
+            raise exc.cause from None
+
+    async def begin_on_join(
+        self, request: pb.BeginToolCallRequest, token: str, sender: int, pidfd: int, placed: Callable[[str], None]
+    ) -> pb.BeginToolCallResponse:
+        """BEGIN on the join socket: BeginToolCall of the Sandbox service (the token authorizes it), placing the
+        process the attached pidfd refers to, sent by `sender` (SO_PEERCRED); timed as a request."""
+        start, code = time.perf_counter(), "INTERNAL"
+        try:
+            if request.held_process:
+                raise errors.InvalidArgument("held_process", "must be empty on the join socket (the pidfd is attached)")
+            if not token:
+                raise errors.PermissionDenied("missing session token (JoinHello.session_token)")
+            response = await self.begin_tool_call(
+                request, self.engine.session_for_token(token), _held_here(sender, pidfd, placed)
+            )
+            code = "OK"
+            return response
+        except BaseException as exc:
+            code = status.status_code(exc.cause if isinstance(exc, PlacementRefused) else exc).name
+            raise
+        finally:
+            self.metrics.observe_request("JoinBegin", code, time.perf_counter() - start)
+
+    async def begin_tool_call(
+        self, request: pb.BeginToolCallRequest, scope: Session | None, placing: Placing | None
+    ) -> pb.BeginToolCallResponse:
+        """BeginToolCall for both transports: authorize, validate, admit, create the call and, given `placing`,
+        place its held process before answering (a refusal there raises PlacementRefused: it never ran)."""
         session = self._session(request.session_id, scope)
         intent = convert.intent_from_pb(request.intent)
         validate_intent(intent, self.engine.config)
         await self.policy.admit(session, intent)
         confined = scope is not None
-        if request.held_process:
+        if placing is not None:
             try:
-                async with self.joins.take(request.held_process) as (held, pid):
-                    call, token = self.engine.begin_call(
-                        session, intent, request.report_exit, confined, (held.sender, pid)
-                    )
-                    held.placed(call.id)
-            except (errors.PermissionDenied, errors.FailedPrecondition, HoldRefused):
-                context.set_trailing_metadata(((PLACEMENT_METADATA, "refused"),))
-                raise
+                async with placing as (sender, pid, placed):
+                    call, token = self.engine.begin_call(session, intent, request.report_exit, confined, (sender, pid))
+                    placed(call.id)
+            except (errors.PermissionDenied, errors.FailedPrecondition, HoldRefused) as exc:
+                raise PlacementRefused(exc) from exc
         else:
             call, token = self.engine.begin_call(session, intent, request.report_exit, confined)
         return pb.BeginToolCallResponse(
@@ -194,6 +230,11 @@ class Service:
             limits=convert.limits_to_pb(call.limits, call.not_enforced),
             join_socket=str(self.engine.config.join_socket),
         )
+
+    @contextlib.asynccontextmanager
+    async def _held_by_ref(self, ref: str) -> AsyncIterator[tuple[int, int, Callable[[str], None]]]:
+        async with self.joins.take(ref) as (held, pid):
+            yield held.sender, pid, held.placed
 
     @rpc
     async def EndToolCall(self, request: pb.EndToolCallRequest, context: Any) -> pb.ToolCallResult:
@@ -273,6 +314,20 @@ class Service:
             await context.abort(status.status_code(exc), status.message(exc))
         async for event in self.policy.hub.watch(session_id):
             yield convert.policy_event_to_pb(event)
+
+
+# The held process to place: an async context yielding (sender pid, its pid, called with the call id once placed).
+Placing = contextlib.AbstractAsyncContextManager[tuple[int, int, Callable[[str], None]]]
+
+
+@contextlib.asynccontextmanager
+async def _held_here(
+    sender: int, pidfd: int, placed: Callable[[str], None]
+) -> AsyncIterator[tuple[int, int, Callable[[str], None]]]:
+    pid = pidfd_pid(pidfd)
+    if pid == -1:
+        raise errors.FailedPrecondition("the held process has already exited")
+    yield sender, pid, placed
 
 
 def _call_pb(call: ToolCall) -> pb.ToolCallInfo:

@@ -14,6 +14,7 @@ import grpc
 from google.protobuf import json_format
 
 from agentd.api.gen import agentd_pb2 as pb
+from agentd.cli import top
 from agentd.client import Client, RunError
 from agentd.core.units import format_size, parse_size
 from agentd.launch import block_forwarded
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="follow the memory policy's events (pressure, throttle, freeze, kill, ...)")
     watch.add_argument("--session", default="", help="one session's events (a sandbox sees only its own)")
     watch.add_argument("--json", action="store_true", help="one JSON object per event")
+    top.add_arguments(sub.add_parser("top", help="live view: sessions, active calls, recent outcomes (q quits)"))
     return parser
 
 
@@ -254,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(client)
         if args.command == "watch":
             return cmd_watch(client, args)
+        if args.command == "top":
+            return top.main(client, args.session, args.limit, args.interval, args.once)
         if args.command == "show-call":
             _print_json(client.call("GetToolCall", pb.ToolCallRequest(call_id=args.call_id)))
         elif args.command == "kill":

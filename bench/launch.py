@@ -1,0 +1,201 @@
+"""What a declared tool call costs through the fast path (issue 11): the static launcher, the shim, the SDK.
+
+From inside a session's agent/ leaf (as a sandbox would; the session's auto-capture off, so that a bare
+command is really bare), rounds interleaved so that every path sees the same machine:
+- bare `bash -c true` and bare `true` (posix_spawn + wait: no agentd);
+- the shim `agentd-shell -c true` (through agentd-run) and `agentd-run -- true`: their overhead is their wall
+  time minus the bare command's (`bash -c true` for the shim, `true` for the launcher), per round;
+- `agentctl run -- true` (Python + gRPC; fewer calls), and `systemd-run --scope true` where systemd is PID 1;
+- the SDK's fast path (agentd.client over the join socket): BEGIN + END round trips, launching excluded;
+- agentd's CPU per call (user + kernel, all threads, over the launcher's calls);
+- calls/s of 8 clients, each running `agentd-run -- true` in a loop, as a ratio to the same 8 clients
+  launching `true` without agentd, in the same run.
+
+    python bench/launch.py [--calls 300] [--clients 8]
+
+It starts its own daemon on a temporary socket and cgroup root (and removes them after). Needs
+launcher/build/agentd-run (make -C launcher). Last line:
+shim_overhead_p50_ms=… shim_overhead_p99_ms=… sdk_p50_ms=… sdk_p99_ms=… agentd_cpu_ms=… throughput_ratio=…
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from lifecycle import CpuMeter, percentile, server_pid  # noqa: E402
+
+LAUNCHER = REPO / "launcher" / "build" / "agentd-run"
+SHIM = REPO / "agentd" / "data" / "agentd-shell"
+TRUE = shutil.which("true") or "/bin/true"
+BASH = shutil.which("bash") or "/bin/bash"
+AGENTCTL_CALLS = 20  # a Python start-up each: ~150 ms
+
+
+def spawn_wait(argv: list[str], env: dict[str, str]) -> float:
+    """Wall time of one command, posix_spawn to reaped; it must exit 0."""
+    start = time.perf_counter()
+    pid = os.posix_spawnp(argv[0], argv, env)
+    _, status = os.waitpid(pid, 0)
+    elapsed = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{argv} ended with wait status {status}")
+    return elapsed
+
+
+def rounds(paths: dict[str, list[str]], calls: int, env: dict[str, str]) -> dict[str, list[float]]:
+    """Each path once per round, `calls` rounds (after a few warm-up rounds)."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for n in range(calls + 5):
+        for name, argv in paths.items():
+            elapsed = spawn_wait(argv, env)
+            if n >= 5:
+                times[name].append(elapsed)
+    return times
+
+
+def overheads(with_agentd: list[float], bare: list[float]) -> list[float]:
+    return [a - b for a, b in zip(with_agentd, bare, strict=True)]
+
+
+def sdk_calls(env: dict[str, str], calls: int, transport: str = "join") -> list[float]:
+    """BEGIN + END of agentd.client per call (launching and the tool's runtime excluded): the fast path, or the
+    same calls over gRPC (BeginToolCall + END on the join connection) for comparison."""
+    from agentd.api.gen import agentd_pb2 as pb
+    from agentd.client import Client
+    from agentd.launch import launch, release
+
+    shares = []
+    client = Client(env["AGENTD_SOCKET"], env["AGENTD_SESSION_TOKEN"], join_socket=env["AGENTD_JOIN_SOCKET"],
+                    transport=transport)
+    with client:
+        for n in range(calls + 5):
+            pid, go = launch([TRUE])
+            t0 = time.perf_counter()
+            begun = client.begin(pb.Intent(tool="true", argv=[TRUE]), pid=pid)
+            t1 = time.perf_counter()
+            release(go)
+            _, status = os.waitpid(pid, 0)
+            t2 = time.perf_counter()
+            result = client.end(begun.call_id, status)
+            t3 = time.perf_counter()
+            assert result.outcome == pb.OUTCOME_OK, result
+            assert (client._framed is not None) == (transport == "join"), "the SDK's transport is not the one asked"
+            if n >= 5:
+                shares.append((t1 - t0) + (t3 - t2))
+    return shares
+
+
+def _loop(args: tuple[list[str], int, dict[str, str]]) -> int:
+    argv, calls, env = args
+    for _ in range(calls):
+        spawn_wait(argv, env)
+    return calls
+
+
+def throughput(argv: list[str], clients: int, calls: int, env: dict[str, str]) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(clients) as pool:
+        pool.map(_loop, [(argv, 3, env)] * clients)  # warm-up
+        start = time.perf_counter()
+        done = sum(pool.map(_loop, [(argv, calls, env)] * clients))
+        return done / (time.perf_counter() - start)
+
+
+def systemd_scope(env: dict[str, str]) -> tuple[list[float] | None, str]:
+    pid1 = Path("/proc/1/comm").read_text().strip()
+    if pid1 != "systemd" or not shutil.which("systemd-run"):
+        return None, f"not measured: PID 1 is {pid1!r}, not systemd"
+    argv = ["systemd-run", "--quiet", "--scope", TRUE]
+    return [spawn_wait(argv, env) for _ in range(AGENTCTL_CALLS)], ""
+
+
+def line(name: str, ms: list[float], note: str = "") -> str:
+    if not ms:
+        return f"{name:<40} {note}"
+    p50, p99 = percentile(ms, 0.5), percentile(ms, 0.99)
+    return f"{name:<40} {len(ms):>6} {p50:>9.3f} {p99:>9.3f} {statistics.fmean(ms):>9.3f}  {note}"
+
+
+def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter) -> None:
+    launcher = [str(LAUNCHER), "--", TRUE]
+    shim = [str(SHIM), "-c", "true"]
+    paths = {"bare bash -c true": [BASH, "-c", "true"], "bare true": [TRUE], "shim": shim, "launcher": launcher}
+    timed, cpu = meter.measure(calls * 2, lambda: rounds(paths, calls, env))
+    ms: Callable[[list[float]], list[float]] = lambda values: [v * 1e3 for v in values]  # noqa: E731
+    shim_over = ms(overheads(timed["shim"], timed["bare bash -c true"]))
+    launcher_over = ms(overheads(timed["launcher"], timed["bare true"]))
+    agentctl = [spawn_wait([sys.executable, "-m", "agentd.cli.agentctl", "run", "--", TRUE], env)
+                for _ in range(AGENTCTL_CALLS)]
+    scope, scope_note = systemd_scope(env)
+    sdk = ms(sdk_calls(env, calls))
+    sdk_grpc = ms(sdk_calls(env, calls, "grpc"))
+    with_agentd = throughput(launcher, clients, max(20, calls // clients), env)
+    without = throughput([TRUE], clients, max(20, calls // clients), env)
+    print(f"{'per call (ms)':<40} {'calls':>6} {'p50':>9} {'p99':>9} {'mean':>9}")
+    print(line("bare bash -c true", ms(timed["bare bash -c true"])))
+    print(line("bare true", ms(timed["bare true"])))
+    print(line("agentd-shell -c true", ms(timed["shim"])))
+    print(line("agentd-run -- true", ms(timed["launcher"])))
+    print(line("agentctl run -- true", ms(agentctl)))
+    print(line("systemd-run --scope true", ms(scope or []), scope_note))
+    print(line("shim overhead over bash -c true", shim_over, "(per round)"))
+    print(line("launcher overhead over true", launcher_over, "(per round)"))
+    print(line("SDK fast path (BEGIN + END)", sdk, "(launch excluded)"))
+    print(line("SDK over gRPC (BeginToolCall + END)", sdk_grpc, "(launch excluded)"))
+    agentd_cpu = (cpu.user + cpu.kernel) * 1e3  # over the shim's and the launcher's calls (2 per round)
+    print(f"agentd CPU per call: {agentd_cpu:.3f} ms (user {cpu.user * 1e3:.3f}, kernel {cpu.kernel * 1e3:.3f})")
+    print(f"{clients} clients: {with_agentd:.0f} calls/s through agentd-run; {without:.0f}/s launching true "
+          f"without agentd")
+    print(f"shim_overhead_p50_ms={percentile(shim_over, 0.5):.3f} "
+          f"shim_overhead_p99_ms={percentile(shim_over, 0.99):.3f} "
+          f"sdk_p50_ms={percentile(sdk, 0.5):.3f} sdk_p99_ms={percentile(sdk, 0.99):.3f} "
+          f"agentd_cpu_ms={agentd_cpu:.3f} throughput_ratio={with_agentd / without:.2f} "
+          f"launcher_overhead_p50_ms={percentile(launcher_over, 0.5):.3f} "
+          f"launcher_overhead_p99_ms={percentile(launcher_over, 0.99):.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args()
+    if not LAUNCHER.exists():
+        raise SystemExit(f"{LAUNCHER} not built: make -C launcher")
+    from support import Daemon, create_session
+
+    from agentd.api.gen import agentd_pb2 as pb
+
+    home = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = Daemon(Path(tmp))
+        try:
+            daemon.start()
+            with daemon.admin() as admin:
+                sid, token = create_session(admin, capture=pb.CAPTURE_OFF)
+            env = daemon.env(token) | {"AGENTD_JOIN_SOCKET": str(daemon.join_socket), "AGENTD_RUN": str(LAUNCHER)}
+            meter = CpuMeter(server_pid(str(daemon.admin_socket)))
+            (daemon.session_path(sid) / "agent" / "cgroup.procs").write_text(str(os.getpid()))
+            try:
+                measure(env, args.calls, args.clients, meter)
+            finally:
+                mount = daemon.cgroup_root.parent
+                (mount / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
+        finally:
+            daemon.cleanup()
+
+
+if __name__ == "__main__":
+    main()
