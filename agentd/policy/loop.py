@@ -26,13 +26,15 @@ from agentd.core.errors import ResourceExhausted
 from agentd.core.intents import Intent, derive_limits
 from agentd.core.sessions import Priority, Session
 from agentd.kernel import cgroupfs
+from agentd.kernel.watch import reread
 from agentd.policy import act
 from agentd.policy.admission import AdmissionRequest, Verdict, admit
 from agentd.policy.events import Hub, PolicyEvent
 from agentd.policy.ladder import decide
-from agentd.policy.model import Action, Assessment, CallView, LadderMemory, Level
+from agentd.policy.model import Action, ActionKind, Assessment, CallView, LadderMemory
 from agentd.policy.settings import PolicyConfig, reserve
 from agentd.policy.snapshot import (
+    RELEASE_ECHO_SECONDS,
     SESSIONS_DOMAIN,
     EventsMeter,
     StallMeter,
@@ -46,6 +48,12 @@ log = logging.getLogger(__name__)
 
 # A queued Begin looks again at least this often (decisions also wake it): calls that end free memory silently.
 ADMISSION_RECHECK_SECONDS = 0.1
+# Between episodes no kernel signal says that a domain's headroom is shrinking towards the throttle reserve:
+# cgroup v2 has no usage thresholds, and PSI reports stall only once the kernel reclaims, which for anonymous
+# memory without swap starts at the limit itself, when only a kill is left. So while a domain has sessions the loop
+# looks again after the time growth this fast would need to eat the headroom above the throttle reserve ...
+WATCH_GROWTH_BYTES_PER_S = 1 << 30  # 1 GiB/s: a large burst (2.9 GB/s peaks are seen through the lookahead)
+WATCH_MAX_SECONDS = 1.0  # ... but at least this often, and never more often than tick_seconds
 ActionListener = Callable[[Action, float | None], None]  # the action, seconds since the pressure signal
 
 
@@ -72,6 +80,8 @@ class Domain:
     last: Assessment | None = None
     events_fd: int | None = None
     psi_fd: int | None = None
+    held: set[str] = field(default_factory=set)  # sessions the ladder held a call of at the previous decision
+    announced: bool = False  # "pressure" was published and "clear" not yet
 
 
 @dataclass(eq=False)
@@ -83,10 +93,12 @@ class PolicyLoop:
     domains: dict[str, Domain] = field(default_factory=dict)
     _stall: StallMeter = field(init=False)
     _events: EventsMeter = field(default_factory=EventsMeter)
+    _own_limits: EventsMeter = field(default_factory=lambda: EventsMeter("memory.events"))
     _session_triggers: dict[str, int] = field(default_factory=dict)  # PSI trigger fds of sessions
     _tick: asyncio.TimerHandle | None = None
     _scheduled: bool = False
     _signal_at: float | None = None  # the earliest pressure signal not yet acted on (monotonic)
+    _decided_at: float | None = None  # the previous decision (monotonic)
     _onset: dict[str, float] = field(default_factory=dict)  # per domain: the signal that began its episode
     _decided: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -114,15 +126,16 @@ class PolicyLoop:
         engine.session_ops.on_deleted.append(self.session_removed)
         log.info("pressure domain", extra={"domain": SESSIONS_DOMAIN, "limit": limit,
                                            "sessions_memory_max": config.sessions_memory_max})
-        self.wake()  # a first look: pressure may predate this start
+        self.wake("start")  # a first look: pressure may predate this start
 
     def session_added(self, session: Session) -> None:
         if self.engine.caps.psi_triggers and session.spec.priority != Priority.LOW:
-            fd = self._trigger(session.path)
+            fd = self._trigger(session.path, f"session:{session.id}")
             if fd is not None:
                 self._session_triggers[session.id] = fd
         if session.spec.memory_budget:
             self._add_domain(Domain(session_domain(session.id), session.path, session.spec.memory_budget, session))
+        self.wake("session")  # its agent and calls will use memory: the domains are watched from now on
 
     def session_removed(self, session: Session) -> None:
         fd = self._session_triggers.pop(session.id, None)
@@ -132,24 +145,29 @@ class PolicyLoop:
         if domain is not None:
             self._unwatch(domain)
         self._stall.forget(session.path)
+        self._own_limits.forget(session.path)
 
     def _add_domain(self, domain: Domain) -> None:
         watcher = self.engine.watcher
         events = domain.path / "memory.events.local"
         if events.exists():
-            domain.events_fd = watcher.watch(events, lambda _fd: self.wake())
+            domain.events_fd = watcher.watch(events, lambda fd: self._on_events(fd, domain.name))
         if self.engine.caps.psi_triggers:
-            domain.psi_fd = self._trigger(domain.path)
+            domain.psi_fd = self._trigger(domain.path, domain.name)
         self.domains[domain.name] = domain
 
-    def _trigger(self, path: Path) -> int | None:
+    def _on_events(self, fd: int, name: str) -> None:
+        reread(fd)  # re-arms the notification; unread, kernfs keeps the fd ready and epoll would spin
+        self.wake(f"{name} memory.events")
+
+    def _trigger(self, path: Path, name: str) -> int | None:
         trigger = f"some {self.config.psi_stall_us} {self.config.psi_window_us}"
         try:
             fd = cgroupfs.pressure_trigger(path, "memory", trigger)
         except cgroupfs.CgroupError as exc:
             log.error("PSI trigger not set", extra={"cgroup": str(path), "error": str(exc)})
             return None
-        return self.engine.watcher.watch_fd(fd, lambda _fd: self.wake())
+        return self.engine.watcher.watch_fd(fd, lambda _fd: self.wake(f"{name} PSI"))
 
     def _unwatch(self, domain: Domain) -> None:
         for fd in (domain.events_fd, domain.psi_fd):
@@ -160,11 +178,12 @@ class PolicyLoop:
 
     # ----- deciding -----
 
-    def wake(self) -> None:
+    def wake(self, source: str = "") -> None:
         """A pressure signal (or a change the ladder should see): decide for every domain, once, soon."""
         if self._signal_at is None:
             self._signal_at = time.monotonic()
         if not self._scheduled:
+            log.debug("policy wake", extra={"source": source})
             self._scheduled = True
             self.engine.loop.call_soon(self._decide_all)
 
@@ -175,46 +194,76 @@ class PolicyLoop:
             self._tick = None
         now = time.monotonic()
         signal_at, self._signal_at = self._signal_at, None
-        busy = False
+        # Without a signal (a tick found it) pressure began at the latest since the previous look.
+        onset = signal_at if signal_at is not None else (self._decided_at or now)
+        self._decided_at = now
+        delays = []
         for domain in list(self.domains.values()):
             try:
-                busy = self._decide(domain, now, signal_at) or busy
+                delays.append(self._decide(domain, now, onset))
             except Exception:  # one domain's trouble must not stop the others' protection
                 log.exception("policy decision failed", extra={"domain": domain.name})
+                delays.append(self.config.tick_seconds)
         self._decided.set()
         self._decided = asyncio.Event()
-        if busy:
-            self._tick = self.engine.loop.call_later(self.config.tick_seconds, self._decide_all)
+        due = [delay for delay in delays if delay is not None]
+        if due:
+            self._tick = self.engine.loop.call_later(min(due), self._decide_all)
 
-    def _decide(self, domain: Domain, now: float, signal_at: float | None) -> bool:
-        """One decision for one domain; True while it needs ticks (pressure, or calls still held)."""
+    def _decide(self, domain: Domain, now: float, onset: float) -> float | None:
+        """One decision for one domain; when it wants the next one: a tick while it is under pressure or holds
+        calls, a watch while it has sessions (watch_delay), None when it has none."""
         sessions = self._sessions_of(domain)
         views = self._views(sessions, domain)
-        state = domain_state(domain.name, domain.path, domain.limit, sessions, self._stall, self._events, now)
+        # Held calls that ended or were killed since the previous decision: their sessions' echo starts now.
+        self._mute_released(sessions, domain.held - held_sessions(domain.memory, views), now)
+        state = domain_state(domain.name, domain.path, domain.limit, sessions, self._stall, self._events, now,
+                             self._own_limits)
         decision = decide(state, views, self.config, now, domain.memory)
-        domain.memory, previous, domain.last = decision.memory, domain.last, decision.assessment
+        domain.memory, domain.last = decision.memory, decision.assessment
         a = decision.assessment
-        if a.active and (previous is None or not previous.active):
-            self._onset[domain.name] = signal_at if signal_at is not None else now
+        if a.active and not domain.announced:  # hysteresis: the band between active and clear changes nothing
+            domain.announced = True
+            self._onset.setdefault(domain.name, onset)
             self._publish(_event(a, "pressure", reason=_why(a)))
             log.info("pressure", extra=a.log_extra())
-        elif a.clear and previous is not None and not previous.clear and previous.level is not Level.NONE:
+        elif a.clear and domain.announced:
+            domain.announced = False
+            self._onset.pop(domain.name, None)  # an episode that needed no action has no reaction time
             self._publish(_event(a, "clear"))
             log.info("pressure clear", extra=a.log_extra())
         others = act.holds({d.name: d.memory for d in self.domains.values()}, domain.name)
         for action in decision.actions:
+            self._carry_out(domain, action, others, now)
+        held = held_sessions(domain.memory, views)
+        self._mute_released(sessions, domain.held - held, now)  # restored: their echo starts now
+        domain.held = held
+        if a.active or any(mem.held for mem in domain.memory.calls.values()):
+            return self.config.tick_seconds
+        return watch_delay(a, self.config) if sessions else None
+
+    def _carry_out(self, domain: Domain, action: Action, others: act.OtherHolds, now: float) -> None:
+        reaction = None
+        if action.kind in ESCALATION:  # the reaction is from the episode's signal to its first escalation
             onset = self._onset.pop(domain.name, None)
             reaction = now - onset if onset is not None else None
-            if not act.apply(self.engine, action, others, now):
-                continue
-            log.info(f"policy {action.kind.value}", extra={
-                **action.log_extra(), "reaction_ms": round(reaction * 1000, 3) if reaction is not None else None})
-            self._publish(_event(a, action.kind.value, session_id=action.session_id, call_id=action.call_id,
-                                 call_usage=action.usage, call_expected=action.expected,
-                                 memory_high=action.memory_high, reason=action.reason))
-            for listener in self.on_action:
-                listener(action, reaction)
-        return a.active or any(mem.held for mem in domain.memory.calls.values())
+        if not act.apply(self.engine, action, others, now):
+            return
+        log.info(f"policy {action.kind.value}", extra={
+            **action.log_extra(), "reaction_ms": round(reaction * 1000, 3) if reaction is not None else None})
+        self._publish(_event(action.assessment, action.kind.value, session_id=action.session_id,
+                             call_id=action.call_id, call_usage=action.usage, call_expected=action.expected,
+                             memory_high=action.memory_high, reason=action.reason))
+        for listener in self.on_action:
+            listener(action, reaction)
+
+    def _mute_released(self, sessions: list[Session], released: set[str], now: float) -> None:
+        """Sessions the ladder let go of since the previous decision (restored, or their held call ended or was
+        killed) keep stalling for a while from what it did (memory.high penalty sleeps outlast the raise; a kill
+        stalls its session): that stall is not new pressure, for RELEASE_ECHO_SECONDS."""
+        for session in sessions:
+            if session.id in released:
+                self._stall.mute(session.path, now + RELEASE_ECHO_SECONDS)
 
     def _sessions_of(self, domain: Domain) -> list[Session]:
         if domain.session is not None:
@@ -254,8 +303,10 @@ class PolicyLoop:
                 if domain is None:
                     continue
                 sessions = self._sessions_of(domain)
-                state = domain_state(domain.name, domain.path, domain.limit, sessions, self._stall, self._events,
-                                     now)
+                # Fresh meters: admission needs neither stall nor events, and must not take their rise from the
+                # ladder's next reading.
+                state = domain_state(domain.name, domain.path, domain.limit, sessions, StallMeter(False),
+                                     EventsMeter(), now)
                 verdict, where = admit(request, state, self._views(sessions, domain), self.config, now), name
                 if verdict.verdict is not Verdict.ADMIT:
                     break
@@ -322,6 +373,21 @@ class PolicyLoop:
             self.engine.watcher.unwatch(fd)
         self.domains.clear()
         self._session_triggers.clear()
+
+
+ESCALATION = (ActionKind.THROTTLE, ActionKind.FREEZE, ActionKind.KILL)
+
+
+def held_sessions(memory: LadderMemory, views: list[CallView]) -> set[str]:
+    """The sessions of which the ladder holds a call (throttled, frozen or killed)."""
+    return {view.session_id for view in views if memory.call(view.id).held}
+
+
+def watch_delay(a: Assessment, config: PolicyConfig) -> float:
+    """When to look again at a domain without pressure that runs calls: before growth of WATCH_GROWTH_BYTES_PER_S
+    could take it below the throttle reserve, within [tick_seconds, WATCH_MAX_SECONDS]."""
+    room = max(a.headroom - a.reserves["throttle"], 0)
+    return min(max(room / WATCH_GROWTH_BYTES_PER_S, config.tick_seconds), WATCH_MAX_SECONDS)
 
 
 def _event(a: Assessment, kind: str, *, session_id: str = "", call_id: str = "", call_usage: int = 0,

@@ -19,6 +19,9 @@ from agentd.policy.model import CallView, DomainState, MemoryEvents, SessionPres
 log = logging.getLogger(__name__)
 
 SESSIONS_DOMAIN = "sessions"
+# A task the kernel throttled at memory.high sleeps up to 2 s per penalty (MEMCG_MAX_HIGH_DELAY_JIFFIES), stalling
+# on, after memory.high was raised: this long after the ladder lets go of a session, its stall is that echo.
+RELEASE_ECHO_SECONDS = 2.0
 
 
 def session_domain(session_id: str) -> str:
@@ -32,19 +35,31 @@ class StallMeter:
 
     enabled: bool
     _last: dict[Path, tuple[float, int, float]] = field(default_factory=dict)  # time, total µs, pct
+    _muted: dict[Path, float] = field(default_factory=dict)  # until when a cgroup's stall is not reported
 
     def read(self, path: Path, now: float) -> float | None:
         if not self.enabled:
             return None
         last = self._last.get(path)
         if last is not None and last[0] == now:
-            return last[2]
+            return None if self._is_muted(path, now) else last[2]
         total = psi.some_stall_us(path)
         if total is None:
             return None
         pct = 0.0 if last is None or now <= last[0] else min(100.0, (total - last[1]) / ((now - last[0]) * 1e4))
-        self._last[path] = (now, total, pct)
-        return pct
+        self._last[path] = (now, total, pct)  # read while muted too: the first reading after covers only after
+        return None if self._is_muted(path, now) else pct
+
+    def mute(self, path: Path, until: float) -> None:
+        """Report no stall for this cgroup until then (its stall is known not to be pressure)."""
+        self._muted[path] = until
+
+    def _is_muted(self, path: Path, now: float) -> bool:
+        until = self._muted.get(path)
+        if until is not None and now >= until:
+            del self._muted[path]
+            return False
+        return until is not None
 
     def last(self, path: Path) -> float | None:
         """The last reading's stall, without reading."""
@@ -53,17 +68,19 @@ class StallMeter:
 
     def forget(self, path: Path) -> None:
         self._last.pop(path, None)
+        self._muted.pop(path, None)
 
 
 @dataclass(eq=False)
 class EventsMeter:
-    """The rise of a cgroup's own memory.events.local counters since the previous reading (its descendants' events
-    are theirs: a call at its own memory.high is no pressure on the domain)."""
+    """The rise of a cgroup's memory.events counters since the previous reading: `memory.events.local` (a domain's
+    own: a call at its own memory.high is no pressure on the domain) or `memory.events` (a session and its calls)."""
 
+    file: str = "memory.events.local"
     _last: dict[Path, dict[str, int]] = field(default_factory=dict)
 
     def read(self, path: Path) -> MemoryEvents:
-        now = cgroupfs.parse_flat_keyed(cgroupfs.read_text(path / "memory.events.local"))
+        now = cgroupfs.parse_flat_keyed(cgroupfs.read_text(path / self.file))
         last = self._last.get(path, now)
         self._last[path] = now
 
@@ -110,8 +127,18 @@ def call_view(call: ToolCall, session: Session, config: Config) -> CallView | No
 
 
 def domain_state(
-    name: str, path: Path, limit: int, sessions: list[Session], stall: StallMeter, events: EventsMeter, now: float
+    name: str, path: Path, limit: int, sessions: list[Session], stall: StallMeter, events: EventsMeter, now: float,
+    own_limits: EventsMeter | None = None,
 ) -> DomainState:
+    """The domain now. With `own_limits` (a meter of memory.events), a session whose calls hit their own
+    memory.high since the previous reading stalls by its own limits, not from contention: its stall is muted for
+    RELEASE_ECHO_SECONDS (the kernel's longest penalty sleep), and so is the domain's own, which includes it (the
+    other sessions' stall still tells contention)."""
+    if own_limits is not None:
+        for session in sessions:
+            if own_limits.read(session.path).high:
+                stall.mute(session.path, now + RELEASE_ECHO_SECONDS)
+                stall.mute(path, now + RELEASE_ECHO_SECONDS)
     return DomainState(
         name=name,
         limit=limit,

@@ -1,0 +1,382 @@
+"""The memory policy on a kernel with the memory controller and PSI (make test-kernel): HIGH and LOW sessions
+share a tight sessions/ limit; the ladder throttles, freezes and (last) kills the LOW call, never the HIGH one,
+gives everything back when pressure clears, does not flap, and says so in results, the event stream and the log.
+
+Each test asserts what the kernel saw (memory.high and cgroup.freeze of the call while it ran, memory.pressure
+of the HIGH session, processes alive) and what agentd reported (results, WatchPolicy events, log lines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from support import Daemon, create_session, rpc_error, spawn_in, wait_for
+
+from agentd.api.gen import agentd_pb2 as pb
+from agentd.client import Client
+
+pytestmark = pytest.mark.guest
+MIB = 1 << 20
+LIMIT = 512 * MIB  # sessions/ memory.max: reserves throttle 64 MiB, freeze 32, kill 16, emergency 8, recover 96
+OWN = 432  # MiB the LOW call declares (its own memory.high): it fits the empty domain, and it never reaches it
+TIMEOUT = 240.0  # generous: Python under TCG is ~10x slower
+
+# Allocates `total` MiB in `chunk` MiB steps (bytes * n writes every page), a pause after each, reports progress
+# in a file, then holds it until the release file appears (or `hold` seconds pass).
+GROW = """
+import os, sys, time
+total, chunk, pause, progress, release, hold = sys.argv[1:7]
+total, chunk, pause, hold = int(total), int(chunk), float(pause), float(hold)
+kept = []
+while len(kept) * chunk < total:
+    kept.append(b"x" * (chunk << 20))
+    with open(progress + ".tmp", "w") as f:
+        f.write(str(len(kept) * chunk))
+    os.replace(progress + ".tmp", progress)
+    time.sleep(pause)
+end = time.monotonic() + hold
+while time.monotonic() < end and not os.path.exists(release):
+    time.sleep(0.05)
+"""
+
+
+@pytest.fixture(scope="module")
+def pdaemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("agentd-policy"), policy={"sessions_memory_max": LIMIT})
+    try:
+        yield d.start()
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def pair(pdaemon: Daemon) -> Iterator[tuple[str, str, str]]:
+    """A HIGH and a LOW session (ids, and the LOW one's token) on a quiet domain; deleted afterwards."""
+    with pdaemon.admin() as admin:
+        wait_for(lambda: _quiet(admin), timeout=60)
+        high, _ = create_session(admin, priority=pb.PRIORITY_HIGH)
+        low, token = create_session(admin, priority=pb.PRIORITY_LOW)
+    try:
+        yield high, low, token
+    finally:
+        with pdaemon.admin() as admin:
+            for sid in (high, low):
+                admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))
+
+
+def _quiet(admin: Client) -> bool:
+    domain = admin.call("GetStatus", pb.GetStatusRequest()).policy.domains[0]
+    return domain.level == "none" and domain.calls_held == 0
+
+
+@dataclass
+class Grower:
+    """A tool call whose process grows to a size, then holds it until let go."""
+
+    admin: Client
+    begun: pb.BeginToolCallResponse
+    path: Path
+    pid: int
+    progress: Path
+    release: Path
+
+    def allocated(self) -> int:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(self.progress.read_text())
+        return 0
+
+    def knob(self, name: str) -> str:
+        return (self.path / name).read_text().strip()
+
+    def let_go(self) -> None:
+        self.release.write_text("go")
+
+    def result(self) -> pb.ToolCallResult:
+        try:
+            return self.admin.wait(self.begun.call_id, timeout=TIMEOUT)
+        finally:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+def begin(admin: Client, daemon: Daemon, session: str, expected_mib: int, max_mib: int = 0
+          ) -> pb.BeginToolCallResponse:
+    intent = pb.Intent(tool="grow", argv=["grow"], expected_memory_bytes=expected_mib * MIB,
+                       memory_max_bytes=max_mib * MIB)
+    return admin.begin(intent, session)
+
+
+def start(admin: Client, daemon: Daemon, session: str, begun: pb.BeginToolCallResponse, tmp: Path, mib: int, *,
+          chunk: int = 16, pause: float = 0.2, hold: float = TIMEOUT) -> Grower:
+    progress, release = tmp / f"{begun.call_id}.progress", tmp / f"{begun.call_id}.release"
+    argv = [sys.executable, "-c", GROW, str(mib), str(chunk), str(pause), str(progress), str(release), str(hold)]
+    path = daemon.session_path(session) / f"tc-{begun.call_id}"
+    return Grower(admin, begun, path, admin.spawn(begun, argv), progress, release)
+
+
+@dataclass
+class Watch:
+    """A WatchPolicy stream read in a thread; `on_event` runs for each event as it arrives."""
+
+    stream: Any
+    events: list[pb.PolicyEvent] = field(default_factory=list)
+    on_event: Callable[[pb.PolicyEvent], None] | None = None
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for event in self.stream:
+                if self.on_event is not None:
+                    self.on_event(event)
+                self.events.append(event)
+
+    def kinds(self, call_id: str = "") -> list[str]:
+        return [e.kind for e in list(self.events) if not call_id or e.call_id == call_id]
+
+    def stop(self) -> None:
+        self.stream.cancel()
+
+
+def some_stall_us(cgroup: Path) -> int:
+    """Total µs some task of the cgroup stalled on memory (PSI)."""
+    first = (cgroup / "memory.pressure").read_text().splitlines()[0]
+    return int(first.rsplit("total=", 1)[1])
+
+
+def log_actions(daemon: Daemon, call_id: str) -> list[dict[str, Any]]:
+    """The daemon's `policy <action>` log lines about a call."""
+    lines = []
+    for line in daemon.log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if str(record.get("msg", "")).startswith("policy ") and record.get("call") == call_id:
+                lines.append(record)
+    return lines
+
+
+def test_a_growing_low_call_is_throttled_first_and_gets_its_limit_back(
+    pdaemon: Daemon, pair: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """Issue 10 tests 1, 4 and 8: throttled before the HIGH session stalls; the HIGH call is untouched; once
+    pressure clears memory.high is back at the call's own limit and stays there (no echo of the throttle's
+    stall re-throttles it); the first action's reaction time is logged."""
+    high, low, _ = pair
+    stall_at_throttle: list[int] = []
+    with pdaemon.admin() as admin:
+        watch = Watch(admin.watch_policy())
+
+        def note(event: pb.PolicyEvent) -> None:
+            if event.kind == "throttle" and not stall_at_throttle:
+                stall_at_throttle.append(some_stall_us(pdaemon.session_path(high)))
+
+        watch.on_event = note
+        low_call = begin(admin, pdaemon, low, OWN)  # declared, and its own memory.high
+        hi = start(admin, pdaemon, high, begin(admin, pdaemon, high, 192), tmp_path, 160)
+        wait_for(lambda: hi.allocated() >= 160, timeout=TIMEOUT)
+        lo = start(admin, pdaemon, low, low_call, tmp_path, 352, chunk=8)
+        try:
+            wait_for(lambda: {"throttle", "freeze"} & set(watch.kinds(low_call.call_id)), timeout=TIMEOUT)
+            assert watch.kinds(low_call.call_id)[0] == "throttle", watch.kinds()
+            lowered = int(lo.knob("memory.high"))
+            assert lowered < OWN * MIB  # the kernel holds the call below its own limit now
+            time.sleep(1)
+            hi.let_go()
+            high_result = hi.result()
+            # Recovery: memory.high back at the call's own limit, step by step, while the call still runs.
+            wait_for(lambda: lo.knob("memory.high") == str(OWN * MIB), timeout=60)
+            steady_since = time.monotonic()
+            while time.monotonic() - steady_since < 4:  # longer than the kernel's 2 s penalty sleeps
+                assert lo.knob("memory.high") == str(OWN * MIB), "re-throttled after recovery"
+                time.sleep(0.05)
+            wait_for(lambda: lo.allocated() >= 352, timeout=TIMEOUT)
+            lo.let_go()
+            low_result = lo.result()
+        finally:
+            hi.let_go()
+            lo.let_go()
+            watch.stop()
+    assert high_result.outcome == pb.OUTCOME_OK and list(high_result.policy_actions) == []
+    assert stall_at_throttle and stall_at_throttle[0] < 50_000  # the HIGH session had not stalled 50 ms yet
+    assert low_result.outcome == pb.OUTCOME_OK, low_result.feedback
+    assert low_result.policy_actions[0] == "throttle" and low_result.policy_actions[-1] == "restore"
+    assert low_result.throttled_seconds > 0
+    assert lowered < OWN * MIB
+    lines = log_actions(pdaemon, low_call.call_id)
+    first = lines[0]
+    assert first["action"] == "throttle" and first["reaction_ms"] is not None and first["reaction_ms"] >= 0
+    print(f"\nreaction to the first action under TCG: {first['reaction_ms']} ms ({first['reason']})")
+    # Only an escalation measures a reaction; recovery steps carry none.
+    assert all(line["reaction_ms"] is None for line in lines if line["action"] in ("thaw", "restore"))
+
+
+def test_persistent_pressure_freezes_then_thaws_and_the_stream_tells_both_sides(
+    pdaemon: Daemon, pair: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """Issue 10 tests 2 and 7: a LOW call throttled while the pressure lasts is frozen (cgroup.freeze 1 while
+    it ran), thawed once the HIGH call frees its memory, and ends OK; the admin watcher and the LOW session's
+    sandbox watcher get the events, the sandbox only its own session's."""
+    high, low, token = pair
+    with pdaemon.admin() as admin, pdaemon.sandbox(token) as sandbox:
+        watch = Watch(admin.watch_policy())
+        own = Watch(sandbox.watch_policy())
+        low_call = begin(admin, pdaemon, low, OWN)
+        hi = start(admin, pdaemon, high, begin(admin, pdaemon, high, 192), tmp_path, 160)
+        wait_for(lambda: hi.allocated() >= 160, timeout=TIMEOUT)
+        lo = start(admin, pdaemon, low, low_call, tmp_path, 352)
+        try:
+            wait_for(lambda: "freeze" in watch.kinds(low_call.call_id), timeout=TIMEOUT)
+            assert lo.knob("cgroup.freeze") == "1"
+            hi.let_go()
+            wait_for(lambda: "thaw" in watch.kinds(low_call.call_id), timeout=60)
+            assert lo.knob("cgroup.freeze") == "0"
+            wait_for(lambda: lo.allocated() >= 352, timeout=TIMEOUT)
+            lo.let_go()
+            low_result, high_result = lo.result(), hi.result()
+            wait_for(lambda: "restore" in own.kinds(low_call.call_id), timeout=30)
+        finally:
+            hi.let_go()
+            lo.let_go()
+            watch.stop()
+            own.stop()
+    assert high_result.outcome == pb.OUTCOME_OK and list(high_result.policy_actions) == []
+    assert low_result.outcome == pb.OUTCOME_OK, low_result.feedback
+    actions = list(low_result.policy_actions)
+    assert actions.index("throttle") < actions.index("freeze") < actions.index("thaw")
+    assert low_result.frozen_seconds > 0 and low_result.throttled_seconds > 0
+    assert {"pressure", "throttle", "freeze", "thaw", "restore"} <= set(watch.kinds())
+    mine = own.kinds(low_call.call_id)
+    assert mine.index("throttle") < mine.index("freeze") < mine.index("thaw")
+    assert "pressure" in own.kinds()
+    assert {e.session_id for e in own.events} <= {"", low}  # nothing of the HIGH session
+
+
+def test_the_ladder_kills_the_low_call_only_as_a_last_resort(
+    pdaemon: Daemon, pair: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """Issue 10 test 3: the HIGH call keeps growing towards the limit; the LOW call, throttled and frozen first,
+    is killed (KILLED_BY_POLICY, retryable, the feedback says why with the memory numbers) before the kernel's
+    OOM killer acts; the LOW session's agent process and the HIGH call are untouched."""
+    high, low, _ = pair
+    agent = spawn_in(pdaemon.session_path(low) / "agent", ["sleep", "600"])
+    try:
+        with pdaemon.admin() as admin:
+            lo = start(admin, pdaemon, low, begin(admin, pdaemon, low, 256), tmp_path, 224, chunk=32, pause=0.05)
+            wait_for(lambda: lo.allocated() >= 224, timeout=TIMEOUT)
+            hi = start(admin, pdaemon, high, begin(admin, pdaemon, high, 320), tmp_path, 304, chunk=8, pause=0.1)
+            try:
+                low_result = lo.result()
+                wait_for(lambda: hi.allocated() >= 304, timeout=TIMEOUT)
+                hi.let_go()
+                high_result = hi.result()
+            finally:
+                hi.let_go()
+                lo.let_go()
+        assert agent.poll() is None  # the agent's own process lives on
+    finally:
+        agent.kill()
+        agent.wait()
+    assert low_result.outcome == pb.OUTCOME_KILLED_BY_POLICY, low_result.feedback
+    assert low_result.retryable and low_result.memory_events.oom_kill == 0
+    assert list(low_result.policy_actions)[-1] == "kill" and "freeze" in low_result.policy_actions
+    assert "yielded to higher-priority sessions" in low_result.feedback and "MiB" in low_result.feedback
+    assert "declared 256 MiB" in low_result.feedback
+    assert high_result.outcome == pb.OUTCOME_OK and list(high_result.policy_actions) == []
+
+
+def test_no_flapping_under_a_steady_load(pdaemon: Daemon, pair: tuple[str, str, str], tmp_path: Path) -> None:
+    """Issue 10 test 5: a LOW call that grows just into pressure and then holds steady is throttled, and then
+    left alone while the load stays as it is: no recovery and re-throttle cycles, no pressure/clear toggling."""
+    high, low, _ = pair
+    with pdaemon.admin() as admin:
+        watch = Watch(admin.watch_policy())
+        low_call = begin(admin, pdaemon, low, OWN)
+        hi = start(admin, pdaemon, high, begin(admin, pdaemon, high, 192), tmp_path, 160)
+        wait_for(lambda: hi.allocated() >= 160, timeout=TIMEOUT)
+        lo = start(admin, pdaemon, low, low_call, tmp_path, 320, chunk=16, pause=0.05)
+        try:
+            wait_for(lambda: "throttle" in watch.kinds(low_call.call_id), timeout=TIMEOUT)
+            time.sleep(1)
+            before = len(watch.events)
+            time.sleep(6)  # shorter than max_throttle_seconds: a steady load is not frozen within it
+            later = [(e.kind, e.call_id) for e in watch.events[before:]]
+        finally:
+            hi.let_go()
+            lo.let_go()
+            watch.stop()
+        hi.result()
+        lo.result()
+    assert len(watch.kinds(low_call.call_id)[:before]) <= 4, watch.kinds(low_call.call_id)
+    assert later == [], f"still acting on a steady load: {later}"
+
+
+def test_a_call_over_its_own_declaration_is_no_pressure_on_others(
+    pdaemon: Daemon, pair: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """A HIGH call that outgrows what it declared stalls at its own memory.high (the kernel throttles it); with
+    the domain far from its limit that is not contention, so the LOW call next to it is left alone."""
+    high, low, _ = pair
+    with pdaemon.admin() as admin:
+        lo = start(admin, pdaemon, low, begin(admin, pdaemon, low, 128), tmp_path, 96)
+        wait_for(lambda: lo.allocated() >= 96, timeout=TIMEOUT)
+        hi = start(admin, pdaemon, high, begin(admin, pdaemon, high, 32, max_mib=160), tmp_path, 48, chunk=8,
+                   pause=0.05, hold=0)
+        try:
+            high_result = hi.result()
+            time.sleep(1)
+        finally:
+            lo.let_go()
+        low_result = lo.result()
+    assert high_result.outcome == pb.OUTCOME_OK and high_result.memory_events.high > 0  # it did stall
+    # Before the fix: throttle, restore, throttle, restore... (25 actions) from the HIGH session's own stall.
+    assert list(low_result.policy_actions).count("throttle") <= 1, [
+        (line["action"], line["reason"], line["stall_pct"]) for line in log_actions(pdaemon, lo.begun.call_id)][:4]
+
+
+def test_admission_queues_refuses_and_admits_by_priority(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Issue 10 test 6: with the domain nearly full, a NORMAL Begin declaring more than is free waits, then is
+    refused (RESOURCE_EXHAUSTED, retry after); LOW (admission_low = "refuse") is refused at once; HIGH is
+    admitted."""
+    d = daemon_factory(policy={"sessions_memory_max": LIMIT, "admission_low": "refuse",
+                               "admission_max_wait_seconds": 3.0}).start()
+    with d.admin() as admin:
+        high, _ = create_session(admin, priority=pb.PRIORITY_HIGH)
+        normal, _ = create_session(admin, priority=pb.PRIORITY_NORMAL)
+        low, _ = create_session(admin, priority=pb.PRIORITY_LOW)
+        watch = Watch(admin.watch_policy())
+        hold = start(admin, d, high, begin(admin, d, high, 256), tmp_path, 256, chunk=64, pause=0)
+        try:
+            wait_for(lambda: hold.allocated() >= 256, timeout=TIMEOUT)
+            t0 = time.monotonic()
+            queued = rpc_error(begin, admin, d, normal, 200)
+            waited = time.monotonic() - t0
+            t0 = time.monotonic()
+            refused = rpc_error(begin, admin, d, low, 200)
+            at_once = time.monotonic() - t0
+            admitted = begin(admin, d, high, 200)
+            admin.end(admitted.call_id, None)
+        finally:
+            hold.let_go()
+            watch.stop()
+        hold.result()
+    assert queued.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after" in queued.details()
+    assert "after waiting" in queued.details() and waited >= 3.0
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry after" in refused.details()
+    assert "after waiting" not in refused.details() and at_once < waited
+    kinds = [(e.session_id, e.kind) for e in watch.events]
+    assert (normal, "queue") in kinds and (normal, "refuse") in kinds and (low, "refuse") in kinds
+    assert (low, "queue") not in kinds
