@@ -31,6 +31,14 @@ def growth_rate(last_usage: int, last_seen: float | None, usage: int, now: float
     return (usage - last_usage) / (now - last_seen)
 
 
+def domain_growth(memory: LadderMemory, usage: int, now: float, config: PolicyConfig) -> float:
+    """The domain's growth, measured over at least half the lookahead: between two ticks a few MiB of jitter
+    would read as hundreds of MiB/s (and a freeze); until the sample is that old, the last measurement holds."""
+    if memory.last_seen is not None and now - memory.last_seen < config.lookahead_seconds / 2:
+        return memory.growth
+    return growth_rate(memory.last_usage, memory.last_seen, usage, now)
+
+
 def protected_stall(
     domain: DomainState, calls: tuple[CallView, ...], memory: Mapping[str, CallMemory]
 ) -> float | None:
@@ -48,7 +56,7 @@ def assess(
     domain: DomainState, calls: tuple[CallView, ...], memory: LadderMemory, config: PolicyConfig, now: float
 ) -> Assessment:
     marks = reserves(domain.limit, config)
-    growth = growth_rate(memory.last_usage, memory.last_seen, domain.usage, now)
+    growth = domain_growth(memory, domain.usage, now, config)
     headroom = domain.headroom
     projected = headroom - int(max(growth, 0.0) * config.lookahead_seconds)
     stall = protected_stall(domain, calls, memory.calls)

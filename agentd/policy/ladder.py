@@ -291,7 +291,9 @@ def _remember(ctx: _Context, actions: list[Action]) -> LadderMemory:
                       recent_actions=_recent(ctx.mem(call), ctx.now, ctx.config))
         action = by_call.get(call.id)
         calls[call.id] = _apply(mem, action, call, ctx.now) if action is not None else mem
-    memory = replace(ctx.memory, calls=MappingProxyType(calls), last_usage=ctx.domain.usage, last_seen=ctx.now)
+    memory = replace(ctx.memory, calls=MappingProxyType(calls), growth=ctx.assessment.growth)
+    if memory.last_seen is None or ctx.now - memory.last_seen >= ctx.config.lookahead_seconds / 2:
+        memory = replace(memory, last_usage=ctx.domain.usage, last_seen=ctx.now)  # the next growth sample
     if any(action.kind is ActionKind.KILL for action in actions):
         memory = replace(memory, last_kill_at=ctx.now)
     if any(action.kind in _RECOVERY for action in actions):

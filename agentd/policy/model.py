@@ -136,8 +136,9 @@ class LadderMemory:
     """The ladder's state for one domain, returned updated by every decision (start with `LadderMemory()`)."""
 
     calls: Mapping[str, CallMemory] = field(default_factory=_empty_calls)
-    last_usage: int = 0
+    last_usage: int = 0  # the domain's usage sample growth is measured from (kept for at least half the lookahead)
     last_seen: float | None = None
+    growth: float = 0.0  # the domain's last growth measurement (bytes/s)
     pressure_since: float | None = None  # the current episode began (None: no episode)
     clear_since: float | None = None  # the episode's pressure has been clear since
     last_recovery_at: float | None = None

@@ -1,0 +1,40 @@
+"""The ladder's projection of a domain's growth is measured over at least the lookahead, so that tick-to-tick
+jitter does not read as a burst (pure; found by the guest tests: 2 MiB of jitter over 20 ms projected 20 MiB)."""
+
+from __future__ import annotations
+
+from agentd.core.sessions import Priority
+from agentd.policy.ladder import decide
+from agentd.policy.model import CallView, DomainState, LadderMemory, Level
+from agentd.policy.settings import PolicyConfig
+
+MIB = 1 << 20
+LIMIT = 1024 * MIB
+
+
+def test_jitter_between_ticks_is_not_a_burst() -> None:
+    config = PolicyConfig()
+    # Steady just above the freeze reserve's projection margin: 100 MiB of headroom, usage wobbling by 6 MiB.
+    calls = (CallView("low", "s-low", Priority.LOW, 300 * MIB, 300 * MIB, 0, 0),)
+    memory, now, levels = LadderMemory(), 0.0, []
+    for step in range(60):
+        usage = LIMIT - 100 * MIB + (6 * MIB if step % 2 else 0)
+        decision = decide(DomainState("sessions", LIMIT, usage), calls, config, now, memory)
+        memory, now = decision.memory, now + 0.02
+        levels.append(decision.assessment.level)
+    assert Level.FREEZE not in levels and Level.KILL not in levels
+
+
+def test_a_real_burst_is_still_projected() -> None:
+    config = PolicyConfig()
+    calls = (CallView("low", "s-low", Priority.LOW, 300 * MIB, 300 * MIB, 0, 0),)
+    memory, now, projected = LadderMemory(), 0.0, []
+    for step in range(30):  # 1 GiB/s from 400 MiB of headroom
+        usage = LIMIT - 400 * MIB + int(step * 0.02 * 1024 * MIB)
+        decision = decide(DomainState("sessions", LIMIT, usage), calls, config, now, memory)
+        memory, now = decision.memory, now + 0.02
+        projected.append(decision.assessment.projected_headroom)
+        if decision.actions:
+            break
+    assert decision.actions and decision.actions[0].kind.value == "throttle"
+    assert min(projected) < LIMIT - usage  # the projection ran ahead of the headroom itself
