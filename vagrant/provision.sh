@@ -32,6 +32,13 @@ done
 VENV=/opt/agentd-venv
 PACKAGES=(python3 python3-venv clang llvm libbpf-dev bpftool iproute2 procps kmod util-linux mount
           ca-certificates make)
+# The systemd flavour of the testbed boots this same image with systemd as PID 1 (vagrant/systemd-init.sh);
+# the init-script flavour ignores it. No dbus: as root, systemctl/systemd-run talk to /run/systemd/private.
+# passwd (groupdel for the uninstall) is on every real Debian system, but not in mmdebstrap's apt variant.
+IMAGE_PACKAGES=(systemd passwd)
+# Wheels of the pinned requirements and of the build backend, so that the offline guest can run the real
+# install (systemd/install.sh with PIP_NO_INDEX=1 PIP_FIND_LINKS=$WHEELHOUSE).
+WHEELHOUSE=/opt/agentd-wheelhouse
 export DEBIAN_FRONTEND=noninteractive
 APT=(apt-get -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold --no-install-recommends)
 
@@ -82,6 +89,7 @@ else
 fi
 
 # --------------------------------------------------------------------------- tools
+[ "$MODE" = image ] && PACKAGES+=("${IMAGE_PACKAGES[@]}")
 log "installing ${PACKAGES[*]}"
 "${APT[@]}" install "${PACKAGES[@]}"
 
@@ -95,6 +103,12 @@ else
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --no-cache-dir --disable-pip-version-check -r "$REQ"
     echo "$want" >"$VENV/.agentd-requirements"
+fi
+if [ "$MODE" = image ]; then
+    log "filling $WHEELHOUSE"
+    rm -rf "$WHEELHOUSE"
+    "$VENV/bin/pip" download -q --no-cache-dir --disable-pip-version-check -d "$WHEELHOUSE" -r "$REQ" \
+        'setuptools>=68' wheel
 fi
 "$VENV/bin/python" -c 'import grpc, google.protobuf, prometheus_client, psutil, pyroute2, pytest, hypothesis'
 

@@ -2,6 +2,11 @@
 # Run agentd's guest test suite (`pytest -m guest`) on a kernel that really has cgroup v2 memory/cpu/pids/io,
 # PSI, sched_ext, BTF and BPF LSM. This is `make test-kernel ARGS=...`.
 #
+# Two guest flavours boot the same image and kernel: `init` (vagrant/guest-init.sh as PID 1: fast, runs the
+# tests marked guest but not systemd_guest) and `systemd` (Debian's systemd as PID 1 on an overlay root,
+# vagrant/systemd-init.sh: runs the tests marked systemd_guest). A flavour whose selection is empty (collected
+# on the host first) is not booted.
+#
 #   bash vagrant/run-tests.sh [pytest args...]
 #
 # Two ways, chosen automatically (AGENTD_TESTBED_MODE=auto|qemu|direct):
@@ -13,7 +18,8 @@
 #
 # Environment:
 #   AGENTD_TESTBED_DIR      image cache (default /var/cache/agentd-testbed)
-#   AGENTD_TESTBED_TIMEOUT  hard limit for the whole run in seconds (default 1200)
+#   AGENTD_TESTBED_TIMEOUT  hard limit for the whole run in seconds (default 1800)
+#   AGENTD_TESTBED_FLAVOUR  init, systemd or all (default all; init with AGENTD_TESTBED_EXEC)
 #   AGENTD_TESTBED_MEM      guest RAM (default 3G)           AGENTD_TESTBED_CPUS  guest vCPUs (default 2)
 #   AGENTD_TESTBED_REBUILD  1: rebuild the image first       AGENTD_TESTBED_TCG_THREAD  single|multi (auto)
 #   AGENTD_TESTBED_ACCEL    tcg (default) or kvm (only where KVM really works; not on the development hosts)
@@ -27,7 +33,7 @@ HERE="$(cd "$(dirname "$0")" && pwd -P)"
 TREE="$(cd "$HERE/.." && pwd -P)"
 DIR="${AGENTD_TESTBED_DIR:-/var/cache/agentd-testbed}"
 MODE="${AGENTD_TESTBED_MODE:-auto}"
-TIMEOUT="${AGENTD_TESTBED_TIMEOUT:-1200}"
+TIMEOUT="${AGENTD_TESTBED_TIMEOUT:-1800}"
 MEM="${AGENTD_TESTBED_MEM:-3G}"
 CPUS="${AGENTD_TESTBED_CPUS:-2}"
 BOOT_ATTEMPTS=3          # the first boot plus 2 retries when the guest dies before pytest starts
@@ -47,9 +53,21 @@ for a in "$@"; do
         *) p="${a%%::*}"; if [ -e "$TREE/$p" ] || [ -e "$p" ]; then has_path=1; fi ;;
     esac
 done
-PYTEST_ARGS=(-m guest -p no:cacheprovider)
-[ "$has_path" = 1 ] || PYTEST_ARGS+=(tests)
-PYTEST_ARGS+=("$@")
+# Marker expressions of the two flavours; the caller's arguments come after (a -m of theirs wins).
+declare -A MARKERS=([init]="guest and not systemd_guest" [systemd]="systemd_guest")
+FLAVOUR="${AGENTD_TESTBED_FLAVOUR:-}"
+[ -n "$FLAVOUR" ] || { [ -n "${AGENTD_TESTBED_EXEC:-}" ] && FLAVOUR=init || FLAVOUR=all; }
+case "$FLAVOUR" in
+    all) FLAVOURS=(init systemd) ;;
+    init|systemd) FLAVOURS=("$FLAVOUR") ;;
+    *) die "AGENTD_TESTBED_FLAVOUR must be init, systemd or all" ;;
+esac
+pytest_args() {  # pytest_args MARKER-EXPRESSION → PYTEST_ARGS
+    PYTEST_ARGS=(-m "$1" -p no:cacheprovider)
+    [ "$has_path" = 1 ] || PYTEST_ARGS+=(tests)
+    PYTEST_ARGS+=("${USER_ARGS[@]}")
+}
+USER_ARGS=("$@")
 
 # Environment of pytest (same in both modes).
 if [ -t 1 ]; then colors=1; else colors=0; fi
@@ -70,7 +88,7 @@ summary_of() {  # the last pytest summary line ("==== 6 passed in 12.3s ====", o
         tail -1 | sed -E 's/^=+ //; s/ =+$//' || true
 }
 
-report() {  # report RC SUMMARY WHERE: final lines and exit status
+report() {  # report RC SUMMARY WHERE: final lines; returns RC
     local rc="$1" summary="$2" where="$3" what=pytest
     [ -n "${AGENTD_TESTBED_EXEC:-}" ] && what="AGENTD_TESTBED_EXEC command"
     [ -n "$summary" ] && log "$where: $summary"
@@ -80,7 +98,7 @@ report() {  # report RC SUMMARY WHERE: final lines and exit status
                log "$where: FAILED: pytest collected no tests (exit 5): the guest suite must always have tests" ;;&
         *) log "$where: FAILED: $what exit status $rc (total $(elapsed "$T0")s)" ;;
     esac
-    exit "$rc"
+    return "$rc"
 }
 
 # ------------------------------------------------------------------------------------------ direct mode
@@ -104,6 +122,8 @@ run_direct() {
     out=$(mktemp)
     trap 'rm -f "$out"' EXIT
     cd "$TREE"
+    # A VM with systemd as PID 1 runs both selections here (the systemd tests install agentd on it).
+    if [ -d /run/systemd/system ]; then pytest_args guest; else pytest_args "${MARKERS[init]}"; fi
     set +e
     if [ -n "${AGENTD_TESTBED_EXEC:-}" ]; then
         "${sudo[@]}" env -i "${TEST_ENV[@]}" /bin/bash -c "$AGENTD_TESTBED_EXEC" </dev/null 2>&1 | tee "$out"
@@ -113,6 +133,7 @@ run_direct() {
     rc=${PIPESTATUS[0]}
     set -e
     report "$rc" "$(summary_of "$out")" "direct"
+    exit "$?"
 }
 
 case "$MODE" in
@@ -142,6 +163,25 @@ if "$VFSD" --help 2>&1 | grep -- '--shared-dir' >/dev/null; then VFSD_KIND=rust;
 CHILD=()
 setpriv --pdeathsig TERM true 2>/dev/null && CHILD=(setpriv --pdeathsig TERM --)
 
+# Which flavours have tests to run: collected on the host (a few seconds; no boot for an empty selection).
+# Without the host venv, or with AGENTD_TESTBED_EXEC, every requested flavour boots.
+RUN_FLAVOURS=()
+for f in "${FLAVOURS[@]}"; do
+    pytest_args "${MARKERS[$f]}"
+    if [ -z "${AGENTD_TESTBED_EXEC:-}" ] && [ -x "$TREE/.venv/bin/python" ]; then
+        set +e
+        (cd "$TREE" && "$TREE/.venv/bin/python" -m pytest --collect-only -q "${PYTEST_ARGS[@]}" >/dev/null 2>&1)
+        collected=$?
+        set -e
+        if [ "$collected" = 5 ]; then log "$f flavour: no tests selected; not booting it"; continue; fi
+    fi
+    RUN_FLAVOURS+=("$f")
+done
+if [ "${#RUN_FLAVOURS[@]}" = 0 ]; then
+    log "FAILED: pytest collected no tests (exit 5) in any flavour: the guest suite must always have tests"
+    exit 5
+fi
+
 AGENTD_TESTBED_DIR="$DIR" bash "$HERE/build-image.sh"
 ROOTFS="$DIR/rootfs"
 KERNEL="$DIR/vmlinux"
@@ -152,10 +192,14 @@ flock -s 8
 
 # The init comes from the working tree (no image rebuild needed to change it); replaced by rename so that a
 # concurrently running guest keeps reading its old copy.
-if ! cmp -s "$HERE/guest-init.sh" "$ROOTFS/sbin/agentd-testbed-init"; then
-    install -m 0755 "$HERE/guest-init.sh" "$ROOTFS/sbin/.agentd-testbed-init.new"
-    mv -f "$ROOTFS/sbin/.agentd-testbed-init.new" "$ROOTFS/sbin/agentd-testbed-init"
-fi
+install_init() {  # install_init SOURCE NAME
+    if ! cmp -s "$HERE/$1" "$ROOTFS/sbin/$2"; then
+        install -m 0755 "$HERE/$1" "$ROOTFS/sbin/.$2.new"
+        mv -f "$ROOTFS/sbin/.$2.new" "$ROOTFS/sbin/$2"
+    fi
+}
+install_init guest-init.sh agentd-testbed-init
+install_init systemd-init.sh agentd-testbed-sdinit
 # Mount points on the (read-only in the guest) root filesystem.
 mkdir -p "$ROOTFS$TREE" "$ROOTFS/var/lib/agentd"
 
@@ -211,13 +255,14 @@ trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM HUP
 
-# The job: working tree path, pytest environment and arguments (read by the guest init).
-{
-    printf 'TREE=%q\n' "$TREE"
-    printf 'TESTBED_ENV=('; printf ' %q' "${TEST_ENV[@]}"; printf ' )\n'
-    printf 'JOB_EXEC=%q\n' "${AGENTD_TESTBED_EXEC:-}"
-    printf 'set --'; printf ' %q' "${PYTEST_ARGS[@]}"; printf '\n'
-} >"$RUN/job.sh"
+write_job() {  # the job: working tree path, pytest environment and arguments (read in the guest)
+    {
+        printf 'TREE=%q\n' "$TREE"
+        printf 'TESTBED_ENV=('; printf ' %q' "${TEST_ENV[@]}"; printf ' )\n'
+        printf 'JOB_EXEC=%q\n' "${AGENTD_TESTBED_EXEC:-}"
+        printf 'set --'; printf ' %q' "${PYTEST_ARGS[@]}"; printf '\n'
+    } >"$RUN/job.sh"
+}
 
 start_virtiofsd() {  # start_virtiofsd TAG DIR CACHE(auto|always|none)
     local tag="$1" src="$2" cache="$3" sock="$RUN/$1.sock"
@@ -232,8 +277,8 @@ start_virtiofsd() {  # start_virtiofsd TAG DIR CACHE(auto|always|none)
     PIDS+=($!)
 }
 
-boot() {  # boot ATTEMPT → sets BOOT_RESULT (status|died-early|died|timeout|init-error)
-    local attempt="$1" sock qpid tpid deadline started=""
+boot() {  # boot FLAVOUR ATTEMPT → sets BOOT_RESULT (status|died-early|died|timeout|init-error)
+    local flavour="$1" attempt="$2" sock qpid tpid deadline started=""
     rm -f "$RUN"/*.sock "$RUN/started" "$RUN/status" "$RUN/init-error" "$RUN/console.log" "$RUN/kernel.log"
     : >"$RUN/console.log"
     : >"$RUN/kernel.log"
@@ -248,7 +293,13 @@ boot() {  # boot ATTEMPT → sets BOOT_RESULT (status|died-early|died|timeout|in
         [ -S "$RUN/$sock.sock" ] || { cat "$RUN"/virtiofsd-*.log >&2; die "virtiofsd did not create $sock.sock"; }
     done
 
-    local cmdline="console=ttyS1 rootfstype=virtiofs root=agentd-root ro init=/sbin/agentd-testbed-init"
+    local cmdline="console=ttyS1 rootfstype=virtiofs root=agentd-root ro"
+    if [ "$flavour" = systemd ]; then
+        cmdline+=" init=/sbin/agentd-testbed-sdinit systemd.unit=agentd-testbed.target systemd.firstboot=0"
+        cmdline+=" systemd.show_status=error"
+    else
+        cmdline+=" init=/sbin/agentd-testbed-init"
+    fi
     cmdline+=" panic=-1 oops=panic mitigations=off psi=1 loglevel=4 ${AGENTD_TESTBED_KERNEL_ARGS:-}"
     "${CHILD[@]}" "$QEMU" -nodefaults -no-user-config -display none -no-reboot \
         -machine q35 "${ACCEL[@]}" -smp "$CPUS" -m "$MEM" \
@@ -264,7 +315,7 @@ boot() {  # boot ATTEMPT → sets BOOT_RESULT (status|died-early|died|timeout|in
     PIDS+=("$qpid")
     local tboot
     tboot=$(date +%s.%N)
-    log "booting $(sed -n 's/^kernel=//p' "$DIR/image.info") (QEMU $qemu_major, $ACCEL_DESC, $CPUS vCPUs, $MEM; attempt $attempt/$BOOT_ATTEMPTS)"
+    log "booting the $flavour flavour: $(sed -n 's/^kernel=//p' "$DIR/image.info") (QEMU $qemu_major, $ACCEL_DESC, $CPUS vCPUs, $MEM; attempt $attempt/$BOOT_ATTEMPTS)"
     # Live output: follow the guest's test console until QEMU exits.
     "${CHILD[@]}" tail -n +1 -s 0.2 -f --pid="$qpid" "$RUN/console.log" &
     tpid=$!
@@ -275,7 +326,7 @@ boot() {  # boot ATTEMPT → sets BOOT_RESULT (status|died-early|died|timeout|in
     while kill -0 "$qpid" 2>/dev/null; do
         if [ -z "$started" ] && [ -e "$RUN/started" ]; then
             started=1
-            log "guest up, pytest starting ($(elapsed "$tboot")s after QEMU start)"
+            log "$flavour guest up, pytest starting ($(elapsed "$tboot")s after QEMU start)"
         fi
         if [ "$(date +%s)" -ge "$deadline" ]; then
             log "TIMEOUT: ${TIMEOUT}s exceeded; killing QEMU"
@@ -305,22 +356,37 @@ show_guest_logs() {
     tail -n 25 "$RUN/kernel.log" | sed 's/\r$//' >&2 || true
 }
 
-attempt=1
-while :; do
-    boot "$attempt"
-    case "$BOOT_RESULT" in
-        status) break ;;
-        died-early)
-            log "guest died before pytest started (attempt $attempt/$BOOT_ATTEMPTS)"
-            show_guest_logs
-            [ "$attempt" -lt "$BOOT_ATTEMPTS" ] || die "giving up after $BOOT_ATTEMPTS boots"
-            attempt=$((attempt + 1)) ;;
-        init-error) show_guest_logs; die "guest init failed: $(cat "$RUN/init-error")" ;;
-        died) show_guest_logs; log "FAILED: the guest died while pytest was running"; exit 1 ;;
-        timeout) show_guest_logs; log "FAILED: timeout after ${TIMEOUT}s"; exit 124 ;;
-    esac
-done
+run_flavour() {  # run_flavour FLAVOUR → returns the job's status; its logs are kept as <name>-FLAVOUR.log
+    local flavour="$1" attempt=1 rc
+    pytest_args "${MARKERS[$flavour]}"
+    write_job
+    while :; do
+        boot "$flavour" "$attempt"
+        case "$BOOT_RESULT" in
+            status) break ;;
+            died-early)
+                log "guest died before pytest started (attempt $attempt/$BOOT_ATTEMPTS)"
+                show_guest_logs
+                [ "$attempt" -lt "$BOOT_ATTEMPTS" ] || die "giving up after $BOOT_ATTEMPTS boots"
+                attempt=$((attempt + 1)) ;;
+            init-error) show_guest_logs; die "guest init failed: $(cat "$RUN/init-error")" ;;
+            died) show_guest_logs; log "FAILED: the guest died while pytest was running"; exit 1 ;;
+            timeout) show_guest_logs; log "FAILED: timeout after ${TIMEOUT}s"; exit 124 ;;
+        esac
+    done
+    rc=$(tr -dc 0-9 <"$RUN/status")
+    log "$flavour guest finished in ${GUEST_SECS}s (boot + suite + power-off)"
+    SUMMARIES+=("$flavour: $(summary_of "$RUN/console.log")")
+    for f in console kernel qemu; do mv -f "$RUN/$f.log" "$RUN/$f-$flavour.log" 2>/dev/null || true; done
+    return "${rc:-1}"
+}
 
-rc=$(tr -dc 0-9 <"$RUN/status")
-log "guest finished in ${GUEST_SECS}s (boot + suite + power-off)"
-report "${rc:-1}" "$(summary_of "$RUN/console.log")" "guest"
+SUMMARIES=()
+final=0
+for f in "${RUN_FLAVOURS[@]}"; do
+    rc=0
+    run_flavour "$f" || rc=$?
+    [ "$final" = 0 ] && final=$rc
+done
+for line in "${SUMMARIES[@]:0:${#SUMMARIES[@]}-1}"; do log "guest $line"; done
+report "$final" "${SUMMARIES[-1]}" "guest" || exit "$?"
