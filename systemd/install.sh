@@ -9,7 +9,7 @@
 #   /opt/agentd/                                   Python virtualenv: agentd and its pinned dependencies
 #   /usr/local/bin/{agentd,agentctl}               symlinks into the virtualenv
 #   /usr/local/bin/agentd-shell                    the shell shim (also to be copied into sandbox images)
-#   /usr/local/bin/agentd-run                      the native launcher, if launcher/agentd-run was built
+#   /usr/local/bin/agentd-run                      the native launcher, if launcher/build/agentd-run was built (make setup)
 #   /usr/local/lib/agentd/bpf/*.bpf.o              the BPF objects (the unit's AGENTD_BPF_DIR)
 #   /usr/local/lib/agentd/agentd.toml.default      the default configuration as shipped (to spot local edits)
 #   /usr/local/lib/systemd/system/agentd.service   the unit
@@ -90,8 +90,8 @@ install_agentd() {
     ln -sfn "$VENV/bin/agentd" "$BIN/agentd"
     ln -sfn "$VENV/bin/agentctl" "$BIN/agentctl"
     install -D -m 0755 "$REPO/agentd/data/agentd-shell" "$BIN/agentd-shell"
-    if [ -x "$REPO/launcher/agentd-run" ]; then
-        install -m 0755 "$REPO/launcher/agentd-run" "$BIN/agentd-run"
+    if [ -x "$REPO/launcher/build/agentd-run" ]; then
+        install -m 0755 "$REPO/launcher/build/agentd-run" "$BIN/agentd-run"
     fi
     rm -rf "$LIB/bpf"
     install -d -m 0755 "$LIB/bpf"
