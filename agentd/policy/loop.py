@@ -214,6 +214,8 @@ class PolicyLoop:
         """One decision for one domain; when it wants the next one: a tick while it is under pressure or holds
         calls, a watch while it has sessions (watch_delay), None when it has none."""
         sessions = self._sessions_of(domain)
+        if domain.session is None:  # anyone may change a memory.max above sessions/ (an operator, MemoryMax=)
+            domain.limit = limit_above(domain.path, self.engine.tree.mount, self.config.host_reserve)
         views = self._views(sessions, domain)
         # Held calls that ended or were killed since the previous decision: their sessions' echo starts now.
         self._mute_released(sessions, domain.held - held_sessions(domain.memory, views), now)

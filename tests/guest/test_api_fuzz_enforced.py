@@ -10,20 +10,14 @@ of them spent on the verbs that write knobs, aimed at a running call.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 
 import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Daemon, create_session
-from test_api_fuzz import (  # the fixtures too: the same module-scoped clients
-    ADMIN_VERBS,
-    EXPECTED_CODES,
-    FUZZ_SESSION,
-    SANDBOX_VERBS,
-    answer,
-    fuzz_one,
-)
+from test_api_fuzz import ADMIN_VERBS, EXPECTED_CODES, FUZZ_SESSION, SANDBOX_VERBS, answer, fuzz_one
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.client import Client
@@ -35,6 +29,19 @@ KNOB_VERBS = [m for m in ADMIN_VERBS if m.name in
               {"BeginToolCall", "UpdateToolCall", "FreezeToolCall", "ThawToolCall", "KillToolCall"}]
 UPDATE = [m for m in ADMIN_VERBS if m.name == "UpdateToolCall"]
 FEW = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def admin(daemon: Daemon) -> Iterator[Client]:
+    with daemon.admin() as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sandbox(daemon: Daemon, admin: Client) -> Iterator[tuple[str, Client]]:
+    sid, token = create_session(admin, "fz-sandbox")
+    with daemon.sandbox(token) as client:
+        yield sid, client
 
 
 def test_controllers_are_enforced(admin: Client) -> None:

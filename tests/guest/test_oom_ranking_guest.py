@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,11 @@ MIB = 1 << 20
 HOLD = "import sys, time; b = b'x' * ({mib} << 20); open(sys.argv[1], 'w').write('held'); time.sleep(60)"
 
 
-def test_an_ancestor_oom_takes_the_low_call_not_the_larger_high_one(daemon: Daemon, tmp_path: Path) -> None:
+def test_an_ancestor_oom_takes_the_low_call_not_the_larger_high_one(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """The kernel's own choice (the memory policy off: with it, the LOW call is killed by the policy first)."""
+    daemon = daemon_factory(policy={"enabled": False}).start()
     sessions = daemon.cgroup_root / "sessions"
     with daemon.admin() as admin:
         high, _ = create_session(admin, "rank-high", priority=pb.PRIORITY_HIGH)

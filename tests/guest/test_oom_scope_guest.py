@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import Daemon, create_session, scrape, value, wait_for
@@ -20,11 +21,23 @@ from agentd.api.gen import agentd_pb2 as pb
 pytestmark = pytest.mark.guest
 
 MIB = 1 << 20
+NO_POLICY: dict[str, Any] = {"enabled": False}
 ALLOC = "import time; b = b'x' * ({mib} << 20); time.sleep({hold})"
 
 
 def alloc(mib: int, hold: float = 0.0) -> list[str]:
     return [sys.executable, "-c", ALLOC.format(mib=mib, hold=hold)]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The memory policy off: these tests check what the kernel's own OOM kill is told as (the policy would
+    refuse, throttle or kill first)."""
+    d = Daemon(tmp_path_factory.mktemp("agentd"), policy=NO_POLICY)
+    try:
+        yield d.start()
+    finally:
+        d.cleanup()
 
 
 def oom_metrics(daemon: Daemon, scope: str) -> tuple[float, float]:
@@ -69,17 +82,21 @@ def squeeze(daemon: Daemon, sid: str, limit_reached: Callable[[], bool]) -> list
     return results
 
 
-def check_ancestor_kill(results: list[pb.ToolCallResult], scope: int, words: tuple[str, ...]) -> None:
+def check_ancestor_kill(results: list[pb.ToolCallResult], scope: int, words: tuple[str, ...]) -> int:
+    """Each call the ancestor's OOM killed is told so (under TCG the kernel sometimes takes both: the second
+    allocates before the first victim's memory is back); returns how many."""
     killed = [r for r in results if r.outcome == pb.OUTCOME_OOM_KILLED]
-    assert len(killed) == 1, [(r.tool, pb.Outcome.Name(r.outcome), r.feedback) for r in results]
-    (result,) = killed
-    assert result.oom_scope == scope, pb.OomScope.Name(result.oom_scope)
-    assert result.memory_events.oom == 0 and result.memory_events.max == 0  # its own limit was not reached
-    assert 0 < result.memory_peak_bytes < 150 * MIB and result.oom_killed_processes == 1
-    assert result.retryable
-    assert "an ancestor's limit, not the call's" in result.feedback and "fail the same way" not in result.feedback
-    for word in words:
-        assert word in result.feedback, result.feedback
+    assert killed, [(r.tool, pb.Outcome.Name(r.outcome), r.feedback) for r in results]
+    for result in killed:
+        assert result.oom_scope == scope, pb.OomScope.Name(result.oom_scope)
+        assert result.memory_events.oom == 0 and result.memory_events.max == 0  # its own limit was not reached
+        assert 0 < result.memory_peak_bytes < 150 * MIB and result.oom_killed_processes == 1
+        assert result.retryable
+        assert "an ancestor's limit, not the call's" in result.feedback
+        assert "fail the same way" not in result.feedback
+        for word in words:
+            assert word in result.feedback, result.feedback
+    return len(killed)
 
 
 def test_session_budget(daemon: Daemon) -> None:
@@ -89,22 +106,23 @@ def test_session_budget(daemon: Daemon) -> None:
     try:
         session_memory = daemon.session_path(sid) / "memory.current"
         results = squeeze(daemon, sid, lambda: int(session_memory.read_text()) >= 100 * MIB)
-        check_ancestor_kill(results, pb.OOM_SCOPE_SESSION, ("memory budget of 160 MiB", "retried"))
-        wait_for(lambda: oom_metrics(daemon, "session") == (calls_before + 1, processes_before + 1))
+        kills = check_ancestor_kill(results, pb.OOM_SCOPE_SESSION, ("memory budget of 160 MiB", "retried"))
+        wait_for(lambda: oom_metrics(daemon, "session") == (calls_before + kills, processes_before + kills))
     finally:
         with daemon.admin() as admin:
             admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))
 
 
 def test_limit_of_all_sessions(daemon_factory: Callable[..., Daemon]) -> None:
-    daemon = daemon_factory().start()
+    daemon = daemon_factory(policy=NO_POLICY).start()
     with daemon.admin() as admin:
         sid, _ = create_session(admin)
     sessions: Path = daemon.session_path(sid).parent
     (sessions / "memory.max").write_text(str(160 * MIB))
     try:
         results = squeeze(daemon, sid, lambda: int((sessions / "memory.current").read_text()) >= 100 * MIB)
-        check_ancestor_kill(results, pb.OOM_SCOPE_SESSIONS, ("all sessions together of 160 MiB", "retried later"))
-        assert oom_metrics(daemon, "sessions")[0] == 1
+        kills = check_ancestor_kill(results, pb.OOM_SCOPE_SESSIONS,
+                                    ("all sessions together of 160 MiB", "retried later"))
+        assert oom_metrics(daemon, "sessions")[0] == kills
     finally:
         (sessions / "memory.max").write_text("max")

@@ -380,3 +380,21 @@ def test_admission_queues_refuses_and_admits_by_priority(
     kinds = [(e.session_id, e.kind) for e in watch.events]
     assert (normal, "queue") in kinds and (normal, "refuse") in kinds and (low, "refuse") in kinds
     assert (low, "queue") not in kinds
+
+
+def test_the_shared_domain_follows_a_memory_max_set_after_start(daemon_factory: Callable[..., Daemon]) -> None:
+    """Anyone may change the limit above the calls (an operator, a unit's MemoryMax=): the policy's sessions/
+    domain takes the new limit at its next look, not only the one it saw at start."""
+    d = daemon_factory().start()
+    sessions = d.cgroup_root / "sessions"
+    with d.admin() as admin:
+        before = admin.call("GetStatus", pb.GetStatusRequest()).policy.domains[0]
+        assert before.domain == "sessions" and before.limit_bytes > 700 * MIB
+        sid, _ = create_session(admin, "follow")  # the loop watches domains with sessions
+        (sessions / "memory.max").write_text(str(700 * MIB))
+        try:
+            wait_for(lambda: admin.call("GetStatus", pb.GetStatusRequest()).policy.domains[0].limit_bytes
+                     == 700 * MIB, timeout=20)
+        finally:
+            (sessions / "memory.max").write_text("max")
+            admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))
