@@ -38,3 +38,25 @@ def test_a_real_burst_is_still_projected() -> None:
             break
     assert decision.actions and decision.actions[0].kind.value == "throttle"
     assert min(projected) < LIMIT - usage  # the projection ran ahead of the headroom itself
+
+
+def test_a_victim_frozen_too_long_under_lasting_pressure_is_killed() -> None:
+    """Freezing frees nothing: when the pressure lasts, the frozen victim gives way for good after
+    max_freeze_seconds instead of waiting for its own timeout (found in the guest: two calls of a budgeted
+    session that together exceed its budget stayed frozen)."""
+    config = PolicyConfig()
+    low = CallView("low", "s-low", Priority.LOW, 400 * MIB, 100 * MIB, 0, 0)
+    memory, now, kinds = LadderMemory(), 0.0, []
+    while now < config.max_throttle_seconds + config.max_freeze_seconds + 5:
+        # Headroom just under the throttle reserve, steady: pressure without an OOM in sight.
+        state = DomainState("s", LIMIT, LIMIT - 100 * MIB)
+        decision = decide(state, (low,), config, now, memory)
+        kinds += [a.kind.value for a in decision.actions]
+        memory, now = decision.memory, now + 0.5
+        if "freeze" in kinds and not low.frozen:
+            low = CallView(low.id, low.session_id, low.priority, low.usage, low.expected, 0, 0, frozen=True)
+        if "kill" in kinds:
+            break
+    assert kinds.index("freeze") < kinds.index("kill")
+    frozen_at = memory.calls["low"].frozen_since
+    assert frozen_at is not None and now - 0.5 - frozen_at >= config.max_freeze_seconds

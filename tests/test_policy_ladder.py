@@ -161,7 +161,9 @@ def check_invariants(sim: Sim) -> None:
                          and before.call(v.id).killed_at is None and v.usage >= config.min_victim_bytes]
                 assert not lower, (now, action.kind, victim.id, [v.id for v in lower])
             if action.kind is ActionKind.KILL:
-                assert a.headroom < a.reserves["kill"], (now, a.headroom)
+                frozen_since = before.call(victim.id).frozen_since
+                stuck = frozen_since is not None and now - frozen_since >= config.max_freeze_seconds
+                assert a.headroom < a.reserves["kill"] or stuck, (now, a.headroom)
                 tried = victim.frozen or before.call(victim.id).frozen_by_policy
                 assert tried or a.headroom < a.reserves["emergency"], (now, victim.id)
             if action.kind is ActionKind.THROTTLE:

@@ -135,14 +135,28 @@ def _kill_step(ctx: _Context, victims: list[CallView]) -> Action | None:
     """Below the last-resort reserve: kill the first victim once frozen; freeze it first unless the headroom is
     below the emergency reserve too. None while an earlier kill is still settling."""
     a = ctx.assessment
-    if a.level < Level.KILL or not victims or _kill_settling(ctx):
+    if not victims or _kill_settling(ctx):
         return None
+    if a.level < Level.KILL:
+        return _stuck_kill(ctx, victims)
     victim = victims[0]
     emergency = a.headroom < a.reserves["emergency"]
     if not ctx.frozen(victim) and not emergency:
         return ctx.action(ActionKind.FREEZE, victim, f"headroom {format_size(a.headroom)} below the last-resort "
                           f"reserve of {format_size(a.reserves['kill'])}: frozen before it is killed")
     return ctx.action(ActionKind.KILL, victim, _kill_reason(ctx, victim, emergency))
+
+
+def _stuck_kill(ctx: _Context, victims: list[CallView]) -> Action | None:
+    """Escalation bounded in time: the first victim the ladder has kept frozen for max_freeze_seconds while the
+    pressure lasted is killed (frozen, it frees nothing and would otherwise wait for its own timeout)."""
+    for call in victims:
+        since = ctx.mem(call).frozen_since
+        if ctx.mem(call).frozen_by_policy and since is not None and ctx.now - since >= ctx.config.max_freeze_seconds:
+            return ctx.action(ActionKind.KILL, call, f"frozen for {ctx.now - since:.0f} s while "
+                              f"{ctx.assessment.domain} stayed under pressure: freezing frees no memory, so it gives "
+                              f"way for good")
+    return None
 
 
 def _kill_settling(ctx: _Context) -> bool:

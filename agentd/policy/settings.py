@@ -102,6 +102,9 @@ class PolicyConfig:
     max_throttle_seconds: float = field(default=10.0, metadata=_key(
         "float", "a call throttled this long without relief is frozen (memory.high alone can throttle forever)",
         0.1, 3600.0))
+    max_freeze_seconds: float = field(default=30.0, metadata=_key(
+        "float", "a victim the ladder keeps frozen this long while pressure lasts is killed (freezing frees nothing: "
+        "without a bound a frozen call could wait for its timeout)", 1.0, 3600.0))
     kill_settle_seconds: float = field(default=1.0, metadata=_key(
         "float", "after a kill, wait this long (or until the call is gone) for its memory before killing again",
         0.0, 60.0))

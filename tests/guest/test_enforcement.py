@@ -135,7 +135,10 @@ def _spawn_joined(begun: pb.BeginToolCallResponse, argv: list[str]) -> subproces
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
 
 
-def test_session_memory_max_contains_its_calls(daemon: Daemon) -> None:
+def test_session_memory_max_contains_its_calls(daemon_factory: Callable[..., Daemon]) -> None:
+    """The kernel's containment (the memory policy off: it would queue the second Begin, then throttle, freeze or
+    kill first; tests/guest/test_policy_guest.py covers that)."""
+    daemon = daemon_factory(policy={"enabled": False}).start()
     with daemon.admin() as admin:
         sid, _ = create_session(admin, "budgeted", memory_budget_bytes=128 * MIB)
         try:
