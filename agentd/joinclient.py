@@ -49,15 +49,9 @@ class Framed:
     held process into a new call, END reports its end and returns the result."""
 
     def __init__(self, socket_path: str, token: str, timeout: float | None = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
+        self.sock = _connect(socket_path, timeout)
         self._hello: bytes | None = _frame(HELLO, pb.JoinHello(version=FRAME_VERSION, session_token=token))
         self._buffer = b""
-        try:
-            self.sock.connect(socket_path)
-        except OSError:
-            self.sock.close()
-            raise
 
     def begin(self, request: pb.BeginToolCallRequest, pidfd: int) -> pb.BeginToolCallResponse:
         """BeginToolCall placing the process `pidfd` refers to before the answer."""
@@ -119,14 +113,8 @@ class Placement:
     """A client connection to the join socket: place a process, later report its end and get the result."""
 
     def __init__(self, socket_path: str, timeout: float | None = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.sock.settimeout(timeout)
+        self.sock = _connect(socket_path, timeout)
         self._buffer = b""
-        try:
-            self.sock.connect(socket_path)
-        except OSError:
-            self.sock.close()
-            raise
 
     def _request(self, line: str, fds: list[int] | None = None) -> str:
         data = line.encode() + b"\n"
@@ -171,3 +159,14 @@ def join(socket_path: str, token: str, timeout: float = 10.0) -> str:
         return placement.place(token)
     finally:
         placement.close()
+
+
+def _connect(socket_path: str, timeout: float | None) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(socket_path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
