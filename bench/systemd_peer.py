@@ -10,7 +10,7 @@ Ways to run `/bin/true`, interleaved round-robin so that they share the machine'
   systemd-run   `systemd-run --scope --quiet -p MemoryMax=256M -- true`: a transient scope with a memory limit
   agentctl      `agentctl run --memory-max 256M -- true` from a sandbox (token, sandbox socket): a whole CLI start
   client        agentd.client.Client.run(["true"], memory_max_bytes=256M) in this process: what a harness pays
-  agentd-run    the native launcher (launcher/agentd-run or /usr/local/bin/agentd-run), when it exists
+  agentd-run    the native launcher (launcher/build/agentd-run or /usr/local/bin/agentd-run), when it exists
 Prints a Markdown table: median and p90 in ms and the median relative to bare. Under TCG, absolute times are
 10-15x a real host's: compare rows within one run.
 """
@@ -47,7 +47,7 @@ def spawn_wait(argv: list[str], env: dict[str, str] | None = None) -> None:
 
 
 def launcher() -> str | None:
-    for candidate in (REPO / "launcher" / "agentd-run", Path("/usr/local/bin/agentd-run")):
+    for candidate in (REPO / "launcher" / "build" / "agentd-run", Path("/usr/local/bin/agentd-run")):
         if os.access(candidate, os.X_OK):
             return str(candidate)
     return None
