@@ -42,6 +42,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -148,6 +149,7 @@ class Outcome:
     kind: str = ""  # empty when it survived: OOM(own), OOM(parent), OUTCOME_*..., refused CODE, timeout, exit N
     ended: float = math.nan  # seconds from the run's start
     replay: dict[str, Any] | None = None
+    retries: int = 0  # Begins refused (retryable) and tried again after the hint
 
 
 @dataclass
@@ -426,6 +428,16 @@ def run_agentd(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
             cgroupfs.write_file(f"{sessions_dir}/memory.max", "max")
 
 
+def retry_after(exc: Any) -> float | None:
+    """The retry-after hint of a retryable RESOURCE_EXHAUSTED refusal (admission), None for any other error."""
+    import grpc
+
+    if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    found = re.search(r"retry after ([0-9.]+) s", exc.details() or "")
+    return float(found.group(1)) if found else None
+
+
 def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int, config: str, index: int,
                speedup: float, rundir: Path, ids: dict[str, str], cgroups: dict[str, Path]) -> RunRecord:
     import grpc
@@ -440,13 +452,25 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
 
     def call(m: Member) -> None:
         client = Client(str(daemon.admin_socket), timeout=120)
+        deadline = start_at + run_timeout(members, speedup)
         try:
             argv = replay_argv(m, speedup, start_at, rundir / f"{m.name}.json")
-            done = client.run(argv, session_id=ids[m.name], tool="replay",
-                              expected_memory_bytes=BASE + m.peak + INTERPRETER_SLACK,
-                              timeout_seconds=run_timeout(members, speedup))
+            while True:
+                try:
+                    done = client.run(argv, session_id=ids[m.name], tool="replay",
+                                      expected_memory_bytes=BASE + m.peak + INTERPRETER_SLACK,
+                                      timeout_seconds=max(deadline - time.monotonic(), 1.0))
+                    break
+                except grpc.RpcError as exc:
+                    # As an agent would: a retryable refusal (admission) is retried after its hint; the wait
+                    # counts against the session's duration (the replay starts late).
+                    wait = retry_after(exc)
+                    if wait is None or time.monotonic() + wait >= deadline:
+                        raise
+                    outcomes[m.name].retries += 1
+                    time.sleep(wait)
             finished[m.name] = done.result
-        except grpc.RpcError as exc:  # e.g. admission refused: this session's outcome, not the harness's
+        except grpc.RpcError as exc:  # refused for good: this session's outcome, not the harness's
             finished[m.name] = f"refused {exc.code().name}"
         except (RunError, OSError) as exc:
             finished[m.name] = f"not started: {str(exc)[:60]}"
@@ -482,6 +506,12 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
 # ------------------------------------------------------------------------------------------------ statistics
 
 
+def task_duration(replay: dict[str, Any]) -> float:
+    """A session's time from the common start to its end: the replay plus how late it began (an admission wait
+    or a retry counts against it, as it would against an agent's task)."""
+    return float(replay["duration"]) + float(replay.get("late_start", 0.0))
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -493,7 +523,7 @@ def solo_baselines(solos: Sequence[RunRecord]) -> dict[str, dict[str, float]]:
         for out in run.outcomes:
             if out.survived and out.replay:
                 by_trace.setdefault(out.member.trace.name, []).append(out.replay)
-    return {name: {"duration": median([r["duration"] for r in rs]),
+    return {name: {"duration": median([task_duration(r) for r in rs]),
                    "p95": median([r["summary"]["grow_p95"] for r in rs]),
                    "p99": median([r["summary"]["grow_p99"] for r in rs])} for name, rs in by_trace.items()}
 
@@ -516,11 +546,11 @@ def group_stats(runs: Sequence[RunRecord]) -> dict[str, Any]:
             assert out.replay is not None
             summary = out.replay["summary"]
             if out.member.role == "HIGH":
-                high_dur.append(ratio(out.replay["duration"], base.get("duration")))
+                high_dur.append(ratio(task_duration(out.replay), base.get("duration")))
                 high_p95.append(ratio(summary["grow_p95"], base.get("p95")))
                 high_p99.append(ratio(summary["grow_p99"], base.get("p99")))
             else:
-                low_dur.append(ratio(out.replay["duration"], base.get("duration")))
+                low_dur.append(ratio(task_duration(out.replay), base.get("duration")))
     return {
         "runs": len(runs), "all_survive": sum(all(o.survived for o in r.outcomes) for r in runs),
         "sessions": sum(len(r.outcomes) for r in runs), "survived": sum(o.survived for r in runs for o in r.outcomes),
@@ -596,7 +626,8 @@ def record_json(run: RunRecord) -> dict[str, Any]:
             "baseline": run.baseline, "actions": run.actions, "reactions_ms": run.reactions_ms,
             "outcomes": [{"member": o.member.name, "role": o.member.role, "trace": o.member.trace.name,
                           "survived": o.survived, "kind": o.kind, "ended": o.ended,
-                          "duration": o.replay["duration"] if o.replay else None,
+                          "duration": task_duration(o.replay) if o.replay else None,
+                          "late_start": o.replay.get("late_start") if o.replay else None, "retries": o.retries,
                           "summary": o.replay["summary"] if o.replay else None} for o in run.outcomes]}
 
 
@@ -683,8 +714,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats: dict[tuple[str, int, str], dict[str, Any]] = {}
     knows_policy = any(CONFIGURATIONS[c].agentd for c in configs) and agentd_knows_policy()
     with tempfile.TemporaryDirectory(prefix="agentd-bench-") as work:
-        for config in configs:
-            run_config(CONFIGURATIONS[config], setups, args, out, Path(work), knows_policy, records, rows, stats)
+        runs = run_rounds(configs, setups, args, out, Path(work), knows_policy, records)
+    for config in configs:
+        for s in setups:
+            for limit in s.limits:
+                done = runs.get((s.name, limit, config))
+                if isinstance(done, str):
+                    rows.append((s.name, limit, config, done))
+                    continue
+                if not done:
+                    continue
+                (out / f"timeline-{s.name}-{limit // MIB}M-{config}.png").write_bytes(
+                    timeline_png.render(timeline_chart(done[0])))
+                stats[(s.name, limit, config)] = group_stats(done)
+                rows.append((s.name, limit, config, stats[(s.name, limit, config)]))
     (out / "results.json").write_text(json.dumps([record_json(r) for r in records], indent=1))
     print()
     for line in table(rows):
@@ -697,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_solos(s: Setup, config: str, index: int, args: argparse.Namespace, out: Path, records: list[RunRecord]
+def run_solos(s: Setup, index: int, args: argparse.Namespace, out: Path, records: list[RunRecord]
               ) -> dict[str, dict[str, float]]:
     """Each distinct trace of a setup alone (no limit, nothing else running): the round's denominators."""
     solos = []
@@ -705,43 +748,50 @@ def run_solos(s: Setup, config: str, index: int, args: argparse.Namespace, out: 
     for m in s.members:
         seen.setdefault(m.trace.name, Member("solo", m.role, m.trace, m.peak))
     for name, m in seen.items():
-        rundir = out / "raw" / f"{s.name}-solo-{name}-{config}-r{index + 1}"
+        rundir = out / "raw" / f"{s.name}-solo-{name}-r{index + 1}"
         rundir.mkdir(parents=True, exist_ok=True)
         run = run_plain(s.name, [m], 0, 0, "solo", index, args.speedup, rundir)
         solos.append(run)
         records.append(run)
     baseline = solo_baselines(solos)
-    print(f"{s.name} solo ({config} round {index + 1}): " + "; ".join(
+    print(f"{s.name} solo (round {index + 1}): " + "; ".join(
         f"{n} {b['duration']:.2f} s, p95 {1000 * b['p95']:.0f} ms, p99 {1000 * b['p99']:.0f} ms"
         for n, b in baseline.items()), flush=True)
     return baseline
 
 
-def run_config(iso: Isolation, setups: Sequence[Setup], args: argparse.Namespace, out: Path, work: Path,
-               knows_policy: bool, records: list[RunRecord], rows: list[tuple[str, int, str, dict[str, Any] | str]],
-               stats: dict[tuple[str, int, str], dict[str, Any]]) -> None:
-    """Every run of one configuration; each round starts with the setup's traces solo."""
-    with contextlib.ExitStack() as stack:
-        daemon: Agentd | str | None = stack.enter_context(daemon_for(iso, work, knows_policy)) if iso.agentd else None
+Runs = dict[tuple[str, int, str], "list[RunRecord] | str"]
+
+
+def run_rounds(configs: Sequence[str], setups: Sequence[Setup], args: argparse.Namespace, out: Path, work: Path,
+               knows_policy: bool, records: list[RunRecord]) -> Runs:
+    """Round after round: per setup, its traces solo, then every configuration at every limit (interleaved, so
+    each ratio divides by solos of the same minutes, and drift of a noisy host hits every configuration alike).
+    An agentd configuration gets a fresh daemon per round. A configuration that cannot run is reported once."""
+    runs: Runs = {}
+    for index in range(args.runs):
         for s in setups:
-            if isinstance(daemon, str):
-                for limit in s.limits:
-                    rows.append((s.name, limit, iso.name, daemon))
-                    print(f"{s.name} {limit // MIB}M {iso.name}: {daemon}", flush=True)
-                continue
-            runs: dict[int, list[RunRecord]] = {limit: [] for limit in s.limits}
-            for index in range(args.runs):
-                baseline = run_solos(s, iso.name, index, args, out, records)
-                for limit in s.limits:
-                    run = run_one(iso, daemon, s, limit, index, args, out)
-                    run.baseline = baseline
-                    runs[limit].append(run)
-                    records.append(run)
-            for limit, done in runs.items():
-                (out / f"timeline-{s.name}-{limit // MIB}M-{iso.name}.png").write_bytes(
-                    timeline_png.render(timeline_chart(done[0])))
-                stats[(s.name, limit, iso.name)] = group_stats(done)
-                rows.append((s.name, limit, iso.name, stats[(s.name, limit, iso.name)]))
+            baseline = run_solos(s, index, args, out, records)
+            for config in configs:
+                iso = CONFIGURATIONS[config]
+                if isinstance(runs.get((s.name, s.limits[0], config)), str):
+                    continue
+                with contextlib.ExitStack() as stack:
+                    daemon = stack.enter_context(daemon_for(iso, work, knows_policy)) if iso.agentd else None
+                    if isinstance(daemon, str):
+                        print(f"{s.name} {config}: {daemon}", flush=True)
+                        runs.update({(s.name, limit, config): daemon for limit in s.limits})
+                        continue
+                    for limit in s.limits:
+                        run = run_one(iso, daemon, s, limit, index, args, out)
+                        run.baseline = baseline
+                        done = runs.setdefault((s.name, limit, config), [])
+                        assert isinstance(done, list)
+                        done.append(run)
+                        records.append(run)
+        # What is measured so far survives an interrupted benchmark.
+        (out / "results.json").write_text(json.dumps([record_json(r) for r in records], indent=1))
+    return runs
 
 
 def run_one(iso: Isolation, daemon: Agentd | None, s: Setup, limit: int, index: int, args: argparse.Namespace,
@@ -754,7 +804,8 @@ def run_one(iso: Isolation, daemon: Agentd | None, s: Setup, limit: int, index: 
     else:
         run = run_agentd(daemon, s.name, s.members, limit, iso.name, index, args.speedup, rundir)
     print(f"{s.name} {limit // MIB}M {iso.name} run {index + 1}: " + ", ".join(
-        f"{o.member.name} " + (f"{o.replay['duration']:.2f} s" if o.survived and o.replay else o.kind)
+        f"{o.member.name} " + (f"{task_duration(o.replay):.2f} s" if o.survived and o.replay else o.kind)
+        + (f" ({o.retries} retries)" if o.retries else "")
         for o in run.outcomes), flush=True)
     return run
 

@@ -60,3 +60,23 @@ def test_a_victim_frozen_too_long_under_lasting_pressure_is_killed() -> None:
     assert kinds.index("freeze") < kinds.index("kill")
     frozen_at = memory.calls["low"].frozen_since
     assert frozen_at is not None and now - 0.5 - frozen_at >= config.max_freeze_seconds
+
+
+def test_a_bounded_call_projects_no_more_than_its_room() -> None:
+    """A call catching up to its memory.high (here 40 MiB below it, growing 1 GiB/s) adds at most those 40 MiB
+    to the projection; the same growth of an unbounded call is projected in full."""
+    config = PolicyConfig()
+    projections = {}
+    for high in (340 * MIB, 0):
+        calls = (CallView("low", "s-low", Priority.LOW, 300 * MIB, 300 * MIB, high, 0),)
+        memory, now = LadderMemory(), 0.0
+        for step in range(6):  # 100 ms at 1 GiB/s, sampled every 20 ms
+            usage = 300 * MIB + int(step * 0.02 * 1024 * MIB)
+            calls = (CallView("low", "s-low", Priority.LOW, usage, 300 * MIB, high, 0),)
+            decision = decide(DomainState("sessions", LIMIT, 500 * MIB + usage), calls, config, now, memory)
+            memory, now = decision.memory, now + 0.02
+        a = decision.assessment
+        projections[high] = a.headroom - a.projected_headroom
+    plain = int(1024 * MIB * config.lookahead_seconds)
+    assert projections[0] >= plain * 0.9  # unbounded: the growth extrapolated
+    assert projections[340 * MIB] <= 40 * MIB < projections[0]  # bounded: its room at most

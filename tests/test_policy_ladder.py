@@ -127,6 +127,7 @@ class Sim:
             target.frozen = True
         elif action.kind is ActionKind.THAW:
             target.frozen = False
+            target.written_high = action.memory_high or target.written_high
         else:
             target.killed = True
 
@@ -489,6 +490,27 @@ def test_steady_load_converges_without_flapping(sim: Sim) -> None:
         directions = [a.kind in ESCALATIONS for _, a in sim.actions() if a.call_id == cid]
         assert directions == sorted(directions, reverse=True) or directions == sorted(directions), (cid, directions)
     assert all(not d.actions for _, d, _, _ in sim.log[-round(5.0 / TICK):])
+
+
+@pytest.mark.parametrize("rate", [100, 200, 400, 800, 1600])
+def test_a_call_throttled_on_its_growth_is_not_restored_back_into_pressure(rate: int) -> None:
+    """The guest's steady-load test in miniature: 512 MiB, HIGH holds 160, LOW grows toward 320 at `rate` MiB/s
+    (all of it would leave less than the freeze reserve). The growing LOW call is throttled (or, faster, frozen)
+    on the projection while the headroom itself is still above the recover reserve; held, it stops growing, so
+    the domain reads clear. Recovery must not hand it back more than the headroom above the recover reserve.
+    Before the fix a restore let it grow into pressure again and it was frozen, and a thawed call catching up to
+    its memory.high read as runaway growth and was frozen again (freeze, thaw, freeze... while it ran)."""
+    sim = Sim([SimCall("high", HIGH, 160 * M, 192 * M, 0.0, 160 * M),
+               SimCall("low", LOW, 10 * M, 432 * M, rate * M, 320 * M, high=432 * M)], base=20 * M, limit=512 * M)
+    sim.run(20.0)
+    check_invariants(sim)
+    acted = [(t, a.kind) for t, a in sim.actions()]
+    assert acted and acted[0][1] in (ActionKind.THROTTLE, ActionKind.FREEZE)
+    directions = [kind in ESCALATIONS for _, kind in acted]
+    assert directions == sorted(directions, reverse=True), acted  # never escalated again after a restore
+    assert not any(t > 10.0 for t, _ in acted), acted  # and then left alone
+    assert sim.ooms == 0 and not sim.calls[1].frozen
+    assert sim.limit - sim.usage() >= reserves(sim.limit, CONFIG)["throttle"]  # it ends in the band, not in pressure
 
 
 @settings(max_examples=100, deadline=None)

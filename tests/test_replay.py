@@ -237,3 +237,24 @@ def test_plain_kill_kind() -> None:
     assert isolation.plain_kind({"oom": 0, "oom_kill": 1}, -9) == "OOM(parent)"
     assert isolation.plain_kind({}, -15) == "signal 15"
     assert isolation.plain_kind({}, 2) == "exit 2"
+
+
+def test_an_admission_refusal_is_retried_after_its_hint_and_nothing_else_is() -> None:
+    import grpc
+    import isolation
+
+    class Refusal(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode, details: str) -> None:
+            self._code, self._details = code, details
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return self._details
+
+    hint = "admission refused: 453 MiB does not fit sessions: 210 MiB available; retry after 5 s"
+    assert isolation.retry_after(Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, hint)) == 5.0
+    never = "admission refused: 2 GiB can never fit sessions (1.1 GiB): declare less"
+    assert isolation.retry_after(Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, never)) is None
+    assert isolation.retry_after(Refusal(grpc.StatusCode.PERMISSION_DENIED, hint)) is None

@@ -36,6 +36,8 @@ def apply(engine: Engine, action: Action, others: OtherHolds, now: float) -> boo
             cgroupfs.freeze(call.path, True)
             call.policy.frozen(True, now)
         elif action.kind is ActionKind.THAW:
+            if action.memory_high:  # bounded before it runs again
+                _write_high(engine, call, action.memory_high, other_high, now)
             if not other_frozen:
                 cgroupfs.freeze(call.path, False)
                 call.policy.frozen(False, now)

@@ -4,12 +4,18 @@ episode's timers (since when active, since when clear) for hysteresis. Pure.
 Stall counts only for sessions the ladder holds nothing of: a call throttled by memory.high stalls by design,
 and counting that stall would keep the episode alive forever. Without PSI the ladder runs on headroom and the
 domain's memory.events alone.
+
+The projection (headroom minus lookahead x growth) counts no growth the kernel will not allow: a call bounded by
+a memory.high or memory.max (the ladder's or its own) can add at most its room below that bound, a frozen one
+nothing. Without that, a thawed or restored call catching up to its bound in one tick reads as runaway growth and
+is frozen again at once (flapping).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
 
 from agentd.policy.model import Assessment, CallMemory, CallView, DomainState, LadderMemory, Level
 from agentd.policy.settings import PolicyConfig, reserve
@@ -34,9 +40,57 @@ def growth_rate(last_usage: int, last_seen: float | None, usage: int, now: float
 def domain_growth(memory: LadderMemory, usage: int, now: float, config: PolicyConfig) -> float:
     """The domain's growth, measured over at least half the lookahead: between two ticks a few MiB of jitter
     would read as hundreds of MiB/s (and a freeze); until the sample is that old, the last measurement holds."""
-    if memory.last_seen is not None and now - memory.last_seen < config.lookahead_seconds / 2:
+    if not measuring(memory, now, config):
         return memory.growth
     return growth_rate(memory.last_usage, memory.last_seen, usage, now)
+
+
+def measuring(memory: LadderMemory, now: float, config: PolicyConfig) -> bool:
+    """The growth sample is old enough for a new measurement (and is then replaced)."""
+    return memory.last_seen is None or now - memory.last_seen >= config.lookahead_seconds / 2
+
+
+def window_growth(
+    memory: LadderMemory, calls: tuple[CallView, ...], now: float, config: PolicyConfig
+) -> dict[str, float]:
+    """Each call's growth over the same window as the domain's (remembered between measurements); a call that
+    arrived after the sample counts as 0 here, its usage is in the domain's growth."""
+    if not measuring(memory, now, config):
+        return {call.id: memory.call(call.id).window_growth for call in calls}
+    growth: dict[str, float] = {}
+    for call in calls:
+        sample = memory.call(call.id).sample_usage
+        growth[call.id] = 0.0 if sample is None else growth_rate(sample, memory.last_seen, call.usage, now)
+    return growth
+
+
+def room(call: CallView, mem: CallMemory) -> int | None:
+    """How much more the kernel lets the call use now: none when frozen, else up to the lowest of the ladder's
+    memory.high, its own memory.high and memory.max; None when nothing bounds it."""
+    if call.frozen or mem.frozen_by_policy:
+        return 0
+    bounds = [v for v in (mem.written_high or 0, call.memory_high, call.memory_max) if v > 0]
+    return max(min(bounds) - call.usage, 0) if bounds else None
+
+
+def projected_growth(
+    growth: float, call_growth: Mapping[str, float], calls: tuple[CallView, ...], memory: LadderMemory,
+    config: PolicyConfig,
+) -> int:
+    """Bytes the domain may add within the lookahead: its growth extrapolated, except that bounded calls add at
+    most their room. Never more than the plain extrapolation."""
+    lookahead = config.lookahead_seconds
+    plain = max(growth, 0.0) * lookahead
+    bounded_rate, bounded_bytes = 0.0, 0.0
+    for call in calls:
+        limit = room(call, memory.call(call.id))
+        if limit is None:
+            continue
+        rate = call_growth.get(call.id, 0.0)
+        bounded_rate += rate
+        bounded_bytes += min(max(rate, 0.0) * lookahead, limit)
+    unbounded = max(growth - bounded_rate, 0.0) * lookahead
+    return int(min(plain, unbounded + bounded_bytes))
 
 
 def protected_stall(
@@ -57,8 +111,9 @@ def assess(
 ) -> Assessment:
     marks = reserves(domain.limit, config)
     growth = domain_growth(memory, domain.usage, now, config)
+    call_growth = window_growth(memory, calls, now, config)
     headroom = domain.headroom
-    projected = headroom - int(max(growth, 0.0) * config.lookahead_seconds)
+    projected = headroom - projected_growth(growth, call_growth, calls, memory, config)
     stall = protected_stall(domain, calls, memory.calls)
     active = (
         projected < marks["throttle"]
@@ -73,7 +128,7 @@ def assess(
     return Assessment(
         domain=domain.name, limit=domain.limit, usage=domain.usage, headroom=headroom,
         projected_headroom=projected, growth=growth, stall_pct=stall, level=_level(headroom, projected, active, marks),
-        active=active, clear=clear, reserves=marks,
+        active=active, clear=clear, reserves=marks, call_growth=MappingProxyType(call_growth),
     )
 
 

@@ -11,7 +11,11 @@ While pressure is active (level > NONE), victims (victims.py) are, per decision:
    once below the emergency reserve); one kill at a time, the next after the killed call is gone or
    kill_settle_seconds have passed.
 When pressure has been clear for the dwell time, recovery undoes the ladder one step per recover_step_seconds,
-the most important call first: thaws, then memory.high raised step by step back to the call's own limit.
+the most important call first: thaws, then memory.high raised step by step back to the call's own limit. A step
+never gives a call that still wants more (presses against its memory.high, or grows) more room than the domain
+has above the recover reserve (a call thawed without a memory.high of the ladder's gets one), so it grows back
+to the recover mark and holds there, instead of into pressure and the next throttle (flapping); a steady call is
+given everything back.
 In the band between active and clear nothing moves. Every action but a kill counts against the call's bound of
 call_actions_per_interval; a decision takes at most max_actions_per_tick actions.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from agentd.core.units import format_size
-from agentd.policy.assess import advance_episode, assess, growth_rate
+from agentd.policy.assess import advance_episode, assess, growth_rate, measuring, room
 from agentd.policy.model import (
     Action,
     ActionKind,
@@ -40,6 +44,8 @@ from agentd.policy.settings import PolicyConfig
 from agentd.policy.victims import candidates, importance_order
 
 _RECOVERY = (ActionKind.THAW, ActionKind.RESTORE)
+# Below this a call's usage is steady (page-cache noise), not demand for more memory.
+STEADY_GROWTH_BYTES_PER_S = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ def _freeze_victim(ctx: _Context, victims: list[CallView], exclude: str | None) 
         if call.id == exclude or ctx.frozen(call):
             continue
         if a.level >= Level.FREEZE:
-            return ctx.action(ActionKind.FREEZE, call, f"projected headroom {format_size(a.projected_headroom)} "
+            return ctx.action(ActionKind.FREEZE, call, f"projected headroom {_signed_size(a.projected_headroom)} "
                               f"below the freeze reserve of {format_size(a.reserves['freeze'])}")
         stall = _stall_above(ctx, call)
         if stall is not None and _throttled_for(ctx, call) >= ctx.config.freeze_grace_seconds:
@@ -214,6 +220,11 @@ def _timed_freeze(ctx: _Context, call: CallView) -> Action | None:
                       f"(max_throttle_seconds {ctx.config.max_throttle_seconds:g})")
 
 
+def _signed_size(nbytes: int) -> str:
+    """A projection can be below zero (growth beyond the limit within the lookahead)."""
+    return f"-{format_size(-nbytes)}" if nbytes < 0 else format_size(nbytes)
+
+
 def throttle_target(call: CallView, config: PolicyConfig) -> int:
     """The lowest memory.high the ladder writes for a call: its usage plus a slack (never below usage)."""
     return call.usage + max(int(call.usage * config.throttle_slack_ratio), config.throttle_slack_min)
@@ -238,7 +249,7 @@ def _throttle(ctx: _Context, call: CallView) -> Action | None:
 
 def _pressure_reason(a: Assessment, config: PolicyConfig) -> str:
     if a.projected_headroom < a.reserves["throttle"]:
-        return (f"projected headroom {format_size(a.projected_headroom)} below the throttle reserve of "
+        return (f"projected headroom {_signed_size(a.projected_headroom)} below the throttle reserve of "
                 f"{format_size(a.reserves['throttle'])}")
     if a.stall_pct is not None and a.stall_pct >= config.pressure_stall_pct:
         return f"sessions it protects stall {a.stall_pct:.1f}% (pressure_stall_pct {config.pressure_stall_pct:g})"
@@ -264,25 +275,56 @@ def _recovery_due(ctx: _Context) -> bool:
 
 
 def _recover(ctx: _Context) -> list[Action]:
-    """One step, the most important held call first: every thaw before any memory.high is raised."""
+    """One step, the most important held call first: every thaw before any memory.high is raised; a call whose
+    next raise the domain has no room for is passed over (it stays held at what it has)."""
     held = [call for call in importance_order(ctx.calls, ctx.growth)
             if ctx.mem(call).held and ctx.mem(call).killed_at is None and _within_bound(ctx, call)]
     for call in held:
         if ctx.mem(call).frozen_by_policy:
-            return [ctx.action(ActionKind.THAW, call, _clear_reason(ctx))]
+            return [ctx.action(ActionKind.THAW, call, _clear_reason(ctx), _thaw_high(ctx, call))]
     for call in held:
         if ctx.mem(call).written_high is not None:
-            return [ctx.action(ActionKind.RESTORE, call, _clear_reason(ctx), _restore_value(ctx, call))]
+            value = _restore_value(ctx, call)
+            if value is not None:
+                return [ctx.action(ActionKind.RESTORE, call, _clear_reason(ctx), value)]
     return []
 
 
-def _restore_value(ctx: _Context, call: CallView) -> int:
-    """The next memory.high on the way back: up by at most restore_step_ratio, then the call's own value (0 =
-    "max", reached once the step passes its memory.max or the domain's limit)."""
+def _spare(ctx: _Context) -> int:
+    """What the domain can give a call back without leaving the clear side: its headroom above the recover
+    reserve."""
+    return max(ctx.assessment.headroom - ctx.assessment.reserves["recover"], 0)
+
+
+def _thaw_high(ctx: _Context, call: CallView) -> int:
+    """The memory.high a thaw writes first: none (0) if the call's room fits the spare headroom, else its usage
+    plus that spare (at least the throttle slack, so it can run)."""
+    free = room(replace(call, frozen=False), replace(ctx.mem(call), frozen_by_policy=False))
+    spare = _spare(ctx)
+    if free is not None and (free <= spare or ctx.mem(call).written_high is not None):
+        return 0
+    return call.usage + max(spare, ctx.config.throttle_slack_min)
+
+
+def _restore_value(ctx: _Context, call: CallView) -> int | None:
+    """The next memory.high on the way back: up by at most restore_step_ratio (and, for a call that still wants
+    more, at most to its usage plus the spare headroom), then the call's own value (0 = "max", once the step
+    passes its memory.max or the domain's limit). None when that is no raise."""
     current = _effective_high(ctx, call)
     ceiling = min(v for v in (call.memory_high, call.memory_max, ctx.domain.limit) if v > 0)
     raised = max(int(current * (1.0 + ctx.config.restore_step_ratio)), current + ctx.config.throttle_slack_min)
-    return call.memory_high if raised >= ceiling else raised
+    if _wants_more(ctx, call, current):
+        raised = min(raised, call.usage + _spare(ctx))
+    if raised >= ceiling:
+        return call.memory_high
+    return raised if raised > current else None
+
+
+def _wants_more(ctx: _Context, call: CallView, current: int) -> bool:
+    """The call presses against its memory.high (within half the throttle slack of it) or is still growing: it
+    will take whatever a raise gives it. A call sitting below its bound, steady, will not."""
+    pressing = current - call.usage <= ctx.config.throttle_slack_min // 2
+    return pressing or ctx.assessment.call_growth.get(call.id, 0.0) >= STEADY_GROWTH_BYTES_PER_S
 
 
 def _clear_reason(ctx: _Context) -> str:
@@ -300,13 +342,17 @@ def _remember(ctx: _Context, actions: list[Action]) -> LadderMemory:
     """The memory after this decision: fresh usage samples, the actions' effects, the episode's end."""
     by_call = {action.call_id: action for action in actions}
     calls: dict[str, CallMemory] = {}
+    sampling = measuring(ctx.memory, ctx.now, ctx.config)  # the domain's growth sample is renewed below
     for call in ctx.calls:
         mem = replace(ctx.mem(call), last_usage=call.usage, last_seen=ctx.now,
-                      recent_actions=_recent(ctx.mem(call), ctx.now, ctx.config))
+                      recent_actions=_recent(ctx.mem(call), ctx.now, ctx.config),
+                      window_growth=ctx.assessment.call_growth.get(call.id, 0.0))
+        if sampling:
+            mem = replace(mem, sample_usage=call.usage)
         action = by_call.get(call.id)
         calls[call.id] = _apply(mem, action, call, ctx.now) if action is not None else mem
     memory = replace(ctx.memory, calls=MappingProxyType(calls), growth=ctx.assessment.growth)
-    if memory.last_seen is None or ctx.now - memory.last_seen >= ctx.config.lookahead_seconds / 2:
+    if sampling:
         memory = replace(memory, last_usage=ctx.domain.usage, last_seen=ctx.now)  # the next growth sample
     if any(action.kind is ActionKind.KILL for action in actions):
         memory = replace(memory, last_kill_at=ctx.now)
@@ -327,7 +373,11 @@ def _apply(mem: CallMemory, action: Action, call: CallView, now: float) -> CallM
     if action.kind is ActionKind.KILL:
         return replace(mem, killed_at=now)
     if action.kind is ActionKind.THAW:
-        return replace(mem, frozen_by_policy=False, frozen_since=None)
+        mem = replace(mem, frozen_by_policy=False, frozen_since=None)
+        if action.memory_high:
+            since = mem.throttled_since if mem.throttled_since is not None else now
+            mem = replace(mem, written_high=action.memory_high, throttled_since=since)
+        return mem
     if action.memory_high == call.memory_high:  # back to the call's own value: the ladder lets go of it
         return replace(mem, written_high=None, throttled_since=None)
     return replace(mem, written_high=action.memory_high)

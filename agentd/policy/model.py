@@ -120,6 +120,8 @@ class CallMemory:
     frozen_since: float | None = None
     killed_at: float | None = None
     recent_actions: tuple[float, ...] = ()  # when it acted on the call, within the last action interval
+    sample_usage: int | None = None  # its usage at the domain's growth sample (None: it arrived after it)
+    window_growth: float = 0.0  # its growth over the domain's last measurement window (bytes/s)
 
     @property
     def held(self) -> bool:
@@ -163,6 +165,7 @@ class Assessment:
     active: bool  # pressure now
     clear: bool  # clear now (below the low-water marks)
     reserves: Mapping[str, int]
+    call_growth: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # over the window
 
     def log_extra(self) -> dict[str, object]:
         return {
@@ -191,7 +194,7 @@ class Action:
     usage: int
     expected: int
     growth: float  # the call's bytes/s
-    memory_high: int = 0  # THROTTLE/RESTORE: the value to write (0 = "max")
+    memory_high: int = 0  # THROTTLE/RESTORE: the value to write (0 = "max"); THAW: a bound written first (0: none)
 
     def log_extra(self) -> dict[str, object]:
         """The fields of the one structured log line of this decision."""
