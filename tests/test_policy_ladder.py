@@ -591,6 +591,21 @@ def test_admission_counts_what_running_calls_declared_but_have_not_used() -> Non
     assert queued.log_extra()["available"] == 272 * M
 
 
+def test_admission_keeps_declarations_of_higher_priorities_only_by_default() -> None:
+    running = [call("high", HIGH, 100 * M, 500 * M), call("low", LOW, 100 * M, 500 * M)]  # each owes 400 MiB
+    state = domain(300 * M, running)  # headroom 800 MiB, minus the 128 MiB reserve: 672 MiB
+    low = admit(request(LOW, 272 * M), state, running, CONFIG, 0.0)
+    assert low.verdict is Verdict.ADMIT and low.outstanding == 400 * M  # HIGH's owed kept, the other LOW's not
+    assert admit(request(LOW, 273 * M), state, running, CONFIG, 0.0).verdict is Verdict.QUEUE
+    high = admit(request(HIGH, 672 * M), state, running, replace(CONFIG, admission_high="queue"), 0.0)
+    assert high.verdict is Verdict.ADMIT and high.outstanding == 0
+    strict = replace(CONFIG, admission_reserved_for="all")
+    assert admit(request(LOW, 272 * M), state, running, strict, 0.0).verdict is Verdict.QUEUE
+    assert admit(request(HIGH, 1), state, running, strict, 0.0).outstanding == 800 * M
+    with pytest.raises(PolicyConfigError, match="admission_reserved_for"):
+        from_table({"admission_reserved_for": "some"})
+
+
 def test_admission_by_priority_queue_bounded_then_refused_with_retry_after() -> None:
     state = domain(1000 * M)
     assert admit(request(HIGH, 500 * M), state, [], CONFIG, 0.0).verdict is Verdict.ADMIT

@@ -1,7 +1,10 @@
 """Admission: does a Begin whose declared memory is known fit its pressure domain? Pure.
 
 Available = headroom - outstanding - the throttle reserve, where outstanding is what running calls declared and
-have not used yet (they are expected to take it). A Begin that fits is admitted. One that does not is handled by
+have not used yet (they are expected to take it): by default only calls of higher priority than the Begin's
+(`admission_reserved_for = "higher"`: memory promised to a more important call is kept for it, while calls of
+the same or lower priority that collide are the ladder's to sort out, so a LOW call does not wait for another
+LOW call's whole run), or every running call ("all"). A Begin that fits is admitted. One that does not is handled by
 its session's priority (`admission_high|normal|low`): admit (the ladder will make lower priorities give way),
 queue (re-decided as the domain changes, refused after admission_max_wait_seconds), or refuse at once
 (RESOURCE_EXHAUSTED, retryable, with a retry-after hint). A declaration larger than the domain can ever hold is
@@ -61,16 +64,21 @@ class AdmissionDecision:
         }
 
 
-def outstanding(calls: Iterable[CallView]) -> int:
-    """Memory running calls declared and have not used yet."""
-    return sum(max(call.expected - call.usage, 0) for call in calls)
+def reserved_for(request_priority: int, call_priority: int, config: PolicyConfig) -> bool:
+    """Must a Begin of this priority leave a running call's unused declaration free?"""
+    return config.admission_reserved_for == "all" or rank(call_priority) > rank(request_priority)
+
+
+def outstanding(calls: Iterable[CallView], priority: int, config: PolicyConfig) -> int:
+    """Memory running calls declared and have not used yet, of those a Begin of `priority` leaves free."""
+    return sum(max(call.expected - call.usage, 0) for call in calls if reserved_for(priority, call.priority, config))
 
 
 def admit(
     request: AdmissionRequest, domain: DomainState, calls: Iterable[CallView], config: PolicyConfig, now: float,
     extra_outstanding: int = 0,
 ) -> AdmissionDecision:
-    owed = outstanding(calls) + extra_outstanding
+    owed = outstanding(calls, request.priority, config) + extra_outstanding
     margin = reserve(domain.limit, config.throttle_reserve_ratio, config.throttle_reserve_min)
     available = domain.headroom - owed - margin
 
@@ -111,10 +119,11 @@ def admit_queue(
     order = sorted(requests, key=lambda r: (-rank(r.priority), r.queued_since if r.queued_since is not None
                                             else now, r.id))
     decisions: list[AdmissionDecision] = []
-    admitted = 0
+    admitted: list[AdmissionRequest] = []
     for request in order:
-        result = admit(request, domain, running, config, now, admitted)
+        extra = sum(a.expected for a in admitted if reserved_for(request.priority, a.priority, config))
+        result = admit(request, domain, running, config, now, extra)
         if result.verdict is Verdict.ADMIT:
-            admitted += request.expected
+            admitted.append(request)
         decisions.append(result)
     return decisions

@@ -22,6 +22,7 @@ MIB = 1 << 20
 # budget is not under pressure forever; one common scale keeps the reserves in order.
 FLOOR_FULL_LIMIT = 1 << 30
 ADMISSION_MODES = ("admit", "queue", "refuse")
+RESERVED_FOR = ("all", "higher")
 _METADATA = "agentd.policy.key"
 
 
@@ -31,14 +32,16 @@ class PolicyConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PolicyKey:
-    kind: str  # bool, float, int, size (bytes), mode (one of ADMISSION_MODES)
+    kind: str  # bool, float, int, size (bytes), mode (one of `choices`)
     doc: str
     minimum: float | None = None
     maximum: float | None = None
+    choices: tuple[str, ...] = ()
 
 
-def _key(kind: str, doc: str, minimum: float | None = None, maximum: float | None = None) -> dict[str, PolicyKey]:
-    return {_METADATA: PolicyKey(kind, doc, minimum, maximum)}
+def _key(kind: str, doc: str, minimum: float | None = None, maximum: float | None = None,
+         choices: tuple[str, ...] = ()) -> dict[str, PolicyKey]:
+    return {_METADATA: PolicyKey(kind, doc, minimum, maximum, choices)}
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,16 @@ class PolicyConfig:
         "size", "a call using less cannot give way: never a victim, and it does not shield higher priorities"))
     # ----- admission -----
     admission_high: str = field(default="admit", metadata=_key(
-        "mode", "a HIGH session's Begin that does not fit the headroom: admit, queue or refuse"))
+        "mode", "a HIGH session's Begin that does not fit the headroom: admit, queue or refuse",
+        choices=ADMISSION_MODES))
     admission_normal: str = field(default="queue", metadata=_key(
-        "mode", "a NORMAL session's Begin that does not fit: admit, queue or refuse"))
+        "mode", "a NORMAL session's Begin that does not fit: admit, queue or refuse", choices=ADMISSION_MODES))
     admission_low: str = field(default="queue", metadata=_key(
-        "mode", "a LOW session's Begin that does not fit: admit, queue or refuse"))
+        "mode", "a LOW session's Begin that does not fit: admit, queue or refuse", choices=ADMISSION_MODES))
+    admission_reserved_for: str = field(default="higher", metadata=_key(
+        "mode", "whose declared but unused memory a Begin must leave free: 'higher' = running calls of higher "
+        "priority than its own (calls of its own or lower priority give way through the ladder if they collide); "
+        "'all' = every running call (no overcommit: the call waits for its declaration)", choices=RESERVED_FOR))
     admission_max_wait_seconds: float = field(default=10.0, metadata=_key(
         "float", "a queued Begin is refused after waiting this long", 0.0, 3600.0))
     admission_retry_after_seconds: float = field(default=5.0, metadata=_key(
@@ -166,7 +174,7 @@ def _check_value(key: PolicyKey, value: Any) -> str | None:
     if not isinstance(value, expected) or (key.kind != "bool" and isinstance(value, bool)):
         return f"expected a {key.kind}, got {value!r}"
     if key.kind == "mode":
-        return None if value in ADMISSION_MODES else f"must be one of {', '.join(ADMISSION_MODES)}, got {value!r}"
+        return None if value in key.choices else f"must be one of {', '.join(key.choices)}, got {value!r}"
     if not isinstance(value, int | float) or key.kind == "bool":
         return None
     number = float(value)
