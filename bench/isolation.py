@@ -668,6 +668,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--speedup", type=float, default=DEFAULT_SPEEDUP, help="times real time (default 10)")
     parser.add_argument("--traces", default=None, help="trace folder (default: staged copy, else ../shared)")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results, raw replays and PNGs")
+    parser.add_argument("--summarize", metavar="RESULTS_JSON", default=None,
+                        help="print the tables of an earlier (or interrupted) run's results.json; runs nothing")
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGURATIONS]
     if unknown or args.runs < 1 or any(s not in ("A", "B") for s in args.setup.split(",")):
@@ -696,8 +698,42 @@ def daemon_for(iso: Isolation, workroot: Path, knows_policy: bool) -> Iterator[A
         daemon.stop()
 
 
+def load_records(path: Path) -> list[RunRecord]:
+    """RunRecords back from results.json (what the tables need: outcomes, durations, percentiles, reactions)."""
+    records = []
+    for r in json.loads(path.read_text()):
+        outcomes = []
+        for o in r["outcomes"]:
+            member = Member(o["member"], o["role"], Path(o["trace"]), 0)
+            replayed = None if o["duration"] is None else {"duration": o["duration"], "summary": o["summary"]}
+            outcomes.append(Outcome(member, o["survived"], o["kind"], o["ended"], replayed, o.get("retries", 0)))
+        records.append(RunRecord(r["setup"], r["limit"], r["config"], r["run"], outcomes, {},
+                                 [tuple(a) for a in r["actions"]], r["reactions_ms"], r["baseline"]))
+    return records
+
+
+def summarize(path: Path) -> int:
+    records = [r for r in load_records(path) if r.config != "solo"]
+    groups: dict[tuple[str, int, str], list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault((record.setup, record.limit, record.config), []).append(record)
+    order = {name: i for i, name in enumerate(CONFIGURATIONS)}
+    stats = {key: group_stats(runs) for key, runs in sorted(groups.items(), key=lambda kv: (
+        order.get(kv[0][2], 99), kv[0][0], kv[0][1]))}
+    for line in table([(k[0], k[1], k[2], v) for k, v in stats.items()]):
+        print(line)
+    ran = [c for c in SUMMARY_PREFERENCE if any(k[2] == c for k in stats)]
+    if not ran:
+        return 1
+    print(f"# last line: configuration {ran[0]}; from {path}")
+    print(last_line(stats, ran[0]))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.summarize:
+        return summarize(Path(args.summarize))
     configs = args.configs.split(",")
     preflight(configs)
     traces = find_traces(args.traces)

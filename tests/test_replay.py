@@ -258,3 +258,26 @@ def test_an_admission_refusal_is_retried_after_its_hint_and_nothing_else_is() ->
     never = "admission refused: 2 GiB can never fit sessions (1.1 GiB): declare less"
     assert isolation.retry_after(Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, never)) is None
     assert isolation.retry_after(Refusal(grpc.StatusCode.PERMISSION_DENIED, hint)) is None
+
+
+def test_the_tables_come_back_from_results_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--summarize prints the tables of an interrupted benchmark from what results.json kept after each round."""
+    import isolation
+
+    summary = {"grow_p95": 0.2, "grow_p99": 0.3}
+    base = {"dask": {"duration": 10.0, "p95": 0.1, "p99": 0.2}, "github3": {"duration": 5.0, "p95": 0.1, "p99": 0.1}}
+
+    def outcome(member: str, role: str, trace: str, duration: float | None, kind: str = "") -> dict[str, Any]:
+        return {"member": member, "role": role, "trace": trace, "survived": duration is not None, "kind": kind,
+                "ended": 1.0, "duration": duration, "summary": summary if duration else None, "retries": 0}
+
+    runs = [{"setup": "A", "limit": 1100 << 20, "config": "agentd-policy-on", "run": i, "baseline": base,
+             "actions": [[0.5, "throttle low1"]], "reactions_ms": [40.0 + i],
+             "outcomes": [outcome("high", "HIGH", "dask", 11.0), outcome("low1", "LOW", "github3", 7.5),
+                          outcome("low2", "LOW", "github3", None if i else 6.0, "KILLED" if i else "")]}
+            for i in range(2)]
+    (tmp_path / "results.json").write_text(json.dumps(runs))
+    assert isolation.main(["--summarize", str(tmp_path / "results.json")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("all_survive_1100=1/2 high_survive=2/2 high_ratio=1.10 high_p95_ratio=2.00")
+    assert "low_ratio=1.50" in last
