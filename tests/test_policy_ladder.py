@@ -418,9 +418,38 @@ def test_the_band_between_the_marks_holds_and_restarts_the_dwell() -> None:
     for usage in [clear_usage] * 30 + [band] + [clear_usage] * 30:  # 1.5 s clear, a blip, 1.5 s clear
         decision = decide(domain(usage, calls), calls, config, now, memory)
         memory = decision.memory
-        assert not decision.assessment.active and decision.actions == ()
+        assert not decision.assessment.active
+        assert all(a.kind is ActionKind.THAW for a in decision.actions)  # no memory.high raised: the dwell restarted
+        calls = [replace(c, frozen=memory.call(c.id).frozen_by_policy) for c in calls]
         now += TICK
     assert kinds(decide(domain(clear_usage, calls), calls, config, now + 1.0, memory))  # now it recovers
+
+
+def test_frozen_calls_are_thawed_in_the_band_within_the_headroom_above_the_throttle_reserve() -> None:
+    """Pressure over, the domain stays in the band (not clear): a frozen call would make no progress for as long
+    as that lasts (in the isolation benchmark, the whole HIGH run). After the dwell each is thawed, most
+    important first, one per step, bounded so it cannot bring the pressure back; nothing's memory.high rises."""
+    calls, memory = held_calls()
+    config = replace(CONFIG, lookahead_seconds=0.0)
+    usage = 1100 * M - 150 * M  # headroom 150 MiB: 22 MiB above the throttle reserve
+    steps: list[tuple[float, Action]] = []
+    now = 1.0
+    while now < 6.0:
+        decision = decide(domain(usage, calls), calls, config, now, memory)
+        assert not decision.assessment.active and not decision.assessment.clear
+        memory = decision.memory
+        steps += [(now, a) for a in decision.actions]
+        calls = [replace(c, frozen=memory.call(c.id).frozen_by_policy) for c in calls]
+        now = round(now + TICK, 6)
+    assert [a.kind for _, a in steps] == [ActionKind.THAW] * 3
+    assert [a.call_id for _, a in steps] == ["normal", "low2", "low"]  # the most important first
+    assert steps[0][0] >= 1.0 + config.recover_dwell_seconds
+    assert all(b[0] - a[0] >= config.recover_step_seconds - 1e-9 for a, b in itertools.pairwise(steps))
+    by_id = {c.id: c for c in calls}
+    for _, action in steps:
+        bound = memory.call(action.call_id).written_high
+        assert bound is not None and bound - by_id[action.call_id].usage <= max(22 * M, CONFIG.throttle_slack_min)
+    assert not any(c.frozen for c in calls) and all(memory.call(c.id).held for c in calls)
 
 
 def test_an_operator_frozen_call_is_never_thawed_and_an_operator_thaw_wins() -> None:

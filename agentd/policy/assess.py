@@ -143,10 +143,11 @@ def _level(headroom: int, projected: int, active: bool, marks: Mapping[str, int]
 
 def advance_episode(memory: LadderMemory, assessment: Assessment, now: float) -> LadderMemory:
     """The episode timers after this assessment. Active starts (or continues) an episode; clear starts (or
-    continues) the dwell; anything but clear restarts the dwell, so recovery needs it clear without a break. In
-    the band between the two marks nothing new escalates and nothing recovers (hysteresis)."""
+    continues) the dwell; anything but clear restarts the dwell, so recovery needs it clear without a break. The
+    calm timer runs while pressure is not active (the band or clear): it paces thawing in the band."""
     pressure_since = memory.pressure_since
     if assessment.active and pressure_since is None:
         pressure_since = now
     clear_since = (memory.clear_since if memory.clear_since is not None else now) if assessment.clear else None
-    return replace(memory, pressure_since=pressure_since, clear_since=clear_since)
+    calm_since = None if assessment.active else (memory.calm_since if memory.calm_since is not None else now)
+    return replace(memory, pressure_since=pressure_since, clear_since=clear_since, calm_since=calm_since)

@@ -10,13 +10,16 @@ While pressure is active (level > NONE), victims (victims.py) are, per decision:
 3. killed: only when the headroom is below the last-resort reserve, the first victim, once it was frozen (or at
    once below the emergency reserve); one kill at a time, the next after the killed call is gone or
    kill_settle_seconds have passed.
+Once pressure has not been active for the dwell time (the band between active and clear), frozen calls are
+thawed one per recover_step_seconds, each bounded to the headroom above the throttle reserve: frozen, a call
+makes no progress at all, bounded, it cannot bring the pressure back by itself.
 When pressure has been clear for the dwell time, recovery undoes the ladder one step per recover_step_seconds,
 the most important call first: thaws, then memory.high raised step by step back to the call's own limit. A step
 never gives a call that still wants more (presses against its memory.high, or grows) more room than the domain
 has above the recover reserve (a call thawed without a memory.high of the ladder's gets one), so it grows back
 to the recover mark and holds there, instead of into pressure and the next throttle (flapping); a steady call is
 given everything back.
-In the band between active and clear nothing moves. Every action but a kill counts against the call's bound of
+In the band between active and clear nothing else moves. Every action but a kill counts against the call's bound of
 call_actions_per_interval; a decision takes at most max_actions_per_tick actions.
 """
 
@@ -84,6 +87,8 @@ def decide(
         actions = _escalate(ctx)
     elif _recovery_due(ctx):
         actions = _recover(ctx)
+    elif _band_thaw_due(ctx):
+        actions = _band_thaw(ctx)
     else:
         actions = []
     return Decision(tuple(actions), _remember(ctx, actions), assessment)
@@ -274,6 +279,30 @@ def _recovery_due(ctx: _Context) -> bool:
     return m.last_recovery_at is None or ctx.now - m.last_recovery_at >= config.recover_step_seconds
 
 
+def _band_thaw_due(ctx: _Context) -> bool:
+    m, config = ctx.memory, ctx.config
+    if m.calm_since is None or ctx.now - m.calm_since < config.recover_dwell_seconds:
+        return False
+    return m.last_recovery_at is None or ctx.now - m.last_recovery_at >= config.recover_step_seconds
+
+
+def _band_thaw(ctx: _Context) -> list[Action]:
+    """In the band (pressure no longer active, not yet clear) for the dwell time: thaw one frozen call, the most
+    important first, bounded to the headroom above the throttle reserve, so it runs again but cannot bring the
+    pressure back by itself. Frozen, a call makes no progress at all; bounded, it runs until it needs more
+    memory. Raising memory.high still waits for clear."""
+    frozen = [call for call in importance_order(ctx.calls, ctx.growth)
+              if ctx.mem(call).frozen_by_policy and ctx.mem(call).killed_at is None and _within_bound(ctx, call)]
+    if not frozen:
+        return []
+    a = ctx.assessment
+    spare = max(a.headroom - a.reserves["throttle"], 0)
+    reason = (f"pressure no longer active for {ctx.now - (ctx.memory.calm_since or ctx.now):.1f}s: headroom "
+              f"{format_size(a.headroom)}, thawed within {format_size(spare)} above the throttle reserve of "
+              f"{format_size(a.reserves['throttle'])}")
+    return [ctx.action(ActionKind.THAW, frozen[0], reason, _thaw_high(ctx, frozen[0], spare))]
+
+
 def _recover(ctx: _Context) -> list[Action]:
     """One step, the most important held call first: every thaw before any memory.high is raised; a call whose
     next raise the domain has no room for is passed over (it stays held at what it has)."""
@@ -281,7 +310,7 @@ def _recover(ctx: _Context) -> list[Action]:
             if ctx.mem(call).held and ctx.mem(call).killed_at is None and _within_bound(ctx, call)]
     for call in held:
         if ctx.mem(call).frozen_by_policy:
-            return [ctx.action(ActionKind.THAW, call, _clear_reason(ctx), _thaw_high(ctx, call))]
+            return [ctx.action(ActionKind.THAW, call, _clear_reason(ctx), _thaw_high(ctx, call, _spare(ctx)))]
     for call in held:
         if ctx.mem(call).written_high is not None:
             value = _restore_value(ctx, call)
@@ -296,14 +325,14 @@ def _spare(ctx: _Context) -> int:
     return max(ctx.assessment.headroom - ctx.assessment.reserves["recover"], 0)
 
 
-def _thaw_high(ctx: _Context, call: CallView) -> int:
+def _thaw_high(ctx: _Context, call: CallView, spare: int) -> int:
     """The memory.high a thaw writes first: none (0) if the call's room fits the spare headroom, else its usage
     plus that spare (at least the throttle slack, so it can run)."""
     free = room(replace(call, frozen=False), replace(ctx.mem(call), frozen_by_policy=False))
-    spare = _spare(ctx)
-    if free is not None and (free <= spare or ctx.mem(call).written_high is not None):
+    if free is not None and free <= spare:
         return 0
-    return call.usage + max(spare, ctx.config.throttle_slack_min)
+    bound = call.usage + max(spare, ctx.config.throttle_slack_min)
+    return min(bound, _effective_high(ctx, call)) if ctx.mem(call).written_high is not None else bound
 
 
 def _restore_value(ctx: _Context, call: CallView) -> int | None:

@@ -143,6 +143,7 @@ class LadderMemory:
     growth: float = 0.0  # the domain's last growth measurement (bytes/s)
     pressure_since: float | None = None  # the current episode began (None: no episode)
     clear_since: float | None = None  # the episode's pressure has been clear since
+    calm_since: float | None = None  # pressure has not been active since (the band or clear)
     last_recovery_at: float | None = None
     last_kill_at: float | None = None
 
