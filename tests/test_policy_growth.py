@@ -3,10 +3,14 @@ jitter does not read as a burst (pure; found by the guest tests: 2 MiB of jitter
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 from agentd.core.sessions import Priority
 from agentd.policy.ladder import decide
 from agentd.policy.model import CallView, DomainState, LadderMemory, Level
 from agentd.policy.settings import PolicyConfig
+from agentd.policy.snapshot import AT_HIGH_SECONDS, HighMeter
 
 MIB = 1 << 20
 LIMIT = 1024 * MIB
@@ -80,3 +84,17 @@ def test_a_bounded_call_projects_no_more_than_its_room() -> None:
     plain = int(1024 * MIB * config.lookahead_seconds)
     assert projections[0] >= plain * 0.9  # unbounded: the growth extrapolated
     assert projections[340 * MIB] <= 40 * MIB < projections[0]  # bounded: its room at most
+
+
+def test_the_high_meter_says_a_call_hit_its_memory_high_lately(tmp_path: Path) -> None:
+    """Recovery's "wants more": memory.events `high` rose within AT_HIGH_SECONDS, whoever read it last."""
+    events = tmp_path / "memory.events"
+    call = SimpleNamespace(id="c1", path=tmp_path)
+    meter = HighMeter()
+    events.write_text("low 0\nhigh 5\nmax 0\noom 0\noom_kill 0\n")
+    assert not meter.at_high(call, 10.0)  # the first reading is the baseline
+    events.write_text("low 0\nhigh 9\nmax 0\noom 0\noom_kill 0\n")
+    assert meter.at_high(call, 10.5) and meter.at_high(call, 11.0)  # a second reader gets the same answer
+    assert not meter.at_high(call, 10.5 + AT_HIGH_SECONDS + 0.1)  # no rise since: it stopped pressing
+    meter.retain(set())
+    assert not meter.at_high(call, 20.0)  # forgotten: a baseline again

@@ -74,7 +74,9 @@ class SimCall:
     end_at: float | None = None  # it finishes (frees everything) then
 
     def view(self) -> CallView:
-        return CallView(self.id, f"s-{self.id}", self.priority, self.usage, self.expected, self.high, 0, self.frozen)
+        at_high = self.written_high is not None and self.usage >= self.written_high and self.usage < self.peak
+        return CallView(self.id, f"s-{self.id}", self.priority, self.usage, self.expected, self.high, 0, self.frozen,
+                        at_high=at_high and not self.frozen)
 
 
 @dataclass

@@ -350,9 +350,10 @@ def _restore_value(ctx: _Context, call: CallView) -> int | None:
 
 
 def _wants_more(ctx: _Context, call: CallView, current: int) -> bool:
-    """The call presses against its memory.high (within half the throttle slack of it) or is still growing: it
-    will take whatever a raise gives it. A call sitting below its bound, steady, will not."""
-    pressing = current - call.usage <= ctx.config.throttle_slack_min // 2
+    """The call presses against its memory.high (the kernel hit it lately, or its usage is within half the
+    throttle slack of it) or is still growing: it will take whatever a raise gives it. A call sitting below its
+    bound, steady, will not."""
+    pressing = call.at_high or current - call.usage <= ctx.config.throttle_slack_min // 2
     return pressing or ctx.assessment.call_growth.get(call.id, 0.0) >= STEADY_GROWTH_BYTES_PER_S
 
 

@@ -37,6 +37,7 @@ from agentd.policy.snapshot import (
     RELEASE_ECHO_SECONDS,
     SESSIONS_DOMAIN,
     EventsMeter,
+    HighMeter,
     StallMeter,
     call_view,
     domain_state,
@@ -94,6 +95,7 @@ class PolicyLoop:
     _stall: StallMeter = field(init=False)
     _events: EventsMeter = field(default_factory=EventsMeter)
     _own_limits: EventsMeter = field(default_factory=lambda: EventsMeter("memory.events"))
+    _at_high: HighMeter = field(default_factory=HighMeter)
     _session_triggers: dict[str, int] = field(default_factory=dict)  # PSI trigger fds of sessions
     _tick: asyncio.TimerHandle | None = None
     _scheduled: bool = False
@@ -216,7 +218,7 @@ class PolicyLoop:
         sessions = self._sessions_of(domain)
         if domain.session is None:  # anyone may change a memory.max above sessions/ (an operator, MemoryMax=)
             domain.limit = limit_above(domain.path, self.engine.tree.mount, self.config.host_reserve)
-        views = self._views(sessions, domain)
+        views = self._views(sessions, domain, now)
         # Held calls that ended or were killed since the previous decision: their sessions' echo starts now.
         self._mute_released(sessions, domain.held - held_sessions(domain.memory, views), now)
         state = domain_state(domain.name, domain.path, domain.limit, sessions, self._stall, self._events, now,
@@ -272,13 +274,20 @@ class PolicyLoop:
             return [domain.session]
         return list(self.engine.registry.sessions.values())
 
-    def _views(self, sessions: list[Session], domain: Domain) -> list[CallView]:
+    def _views(self, sessions: list[Session], domain: Domain, now: float | None = None) -> list[CallView]:
+        """The domain's running calls; with `now`, those whose memory.high the ladder holds are asked whether
+        they hit it lately (recovery gives a call that still wants more only the spare headroom)."""
         views = []
+        held = {call_id for call_id, mem in domain.memory.calls.items() if mem.written_high is not None}
         for session in sessions:
             for call in list(session.calls.values()):
-                view = call_view(call, session, self.engine.config)
+                meter = self._at_high if now is not None and call.id in held else None
+                view = call_view(call, session, self.engine.config, meter, now or 0.0)
                 if view is not None:
                     views.append(view)
+        if now is not None:
+            self._at_high.retain({call_id for d in self.domains.values() for call_id, mem in d.memory.calls.items()
+                                  if mem.written_high is not None})
         return views
 
     def _publish(self, event: PolicyEvent) -> None:

@@ -101,6 +101,9 @@ class CallView:
     # The value of cgroup.freeze (what was written, by the ladder or an operator), not cgroup.events' `frozen`,
     # which lags: a call the ladder froze that reads unfrozen here was thawed by someone else.
     frozen: bool = False
+    # The kernel hit its memory.high lately (memory.events `high` rose): held there, it wants more, even while
+    # reclaim keeps its usage a few MiB below the bound. Read only for calls whose memory.high the ladder holds.
+    at_high: bool = False
 
     @property
     def excess(self) -> int:

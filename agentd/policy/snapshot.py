@@ -93,6 +93,30 @@ class EventsMeter:
         self._last.pop(path, None)
 
 
+# A call whose memory.events `high` rose this recently still presses against its memory.high.
+AT_HIGH_SECONDS = 1.0
+
+
+@dataclass
+class HighMeter:
+    """When each call the ladder holds last hit its memory.high. Unlike EventsMeter's rise since the previous
+    reading, the answer does not depend on who read last (admission and every domain build views)."""
+
+    _last: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+
+    def at_high(self, call: ToolCall, now: float) -> bool:
+        count = cgroupfs.parse_flat_keyed(cgroupfs.read_text(call.path / "memory.events")).get("high", 0)
+        last_count, last_rise = self._last.get(call.id, (count, None))
+        if count > last_count:
+            last_rise = now
+        self._last[call.id] = (count, last_rise)
+        return last_rise is not None and now - last_rise <= AT_HIGH_SECONDS
+
+    def retain(self, call_ids: set[str]) -> None:
+        for call_id in set(self._last) - call_ids:
+            del self._last[call_id]
+
+
 def limit_above(path: Path, mount: Path, host_reserve: int) -> int:
     """The memory a cgroup can have: the smallest memory.max on it or above it inside the mount, or physical memory
     minus the host's reserve."""
@@ -106,8 +130,10 @@ def limit_above(path: Path, mount: Path, host_reserve: int) -> int:
     return max(limit, 1)
 
 
-def call_view(call: ToolCall, session: Session, config: Config) -> CallView | None:
-    """A running call as the ladder sees it; None if it is not running (pending, finished) or gone."""
+def call_view(call: ToolCall, session: Session, config: Config, high_meter: HighMeter | None = None,
+              now: float = 0.0) -> CallView | None:
+    """A running call as the ladder sees it; None if it is not running (pending, finished) or gone. With a
+    meter, whether it hit its memory.high lately."""
     if call.state not in (CallState.RUNNING, CallState.FROZEN):
         return None
     usage = cgroupfs.memory_current(call.path)
@@ -123,6 +149,7 @@ def call_view(call: ToolCall, session: Session, config: Config) -> CallView | No
         memory_high=call.limits.memory_high,
         memory_max=call.limits.memory_max,
         frozen=(cgroupfs.read_text(call.path / "cgroup.freeze") or "0").strip() == "1",
+        at_high=high_meter.at_high(call, now) if high_meter is not None else False,
     )
 
 
