@@ -79,6 +79,7 @@ SETUP_B_LIMIT_RATIO = 0.75
 DEFAULT_SPEEDUP = 10.0
 # Replayers start their schedules together this long after launch (python3 start + base allocation under TCG).
 START_LEAD_SECONDS = 6.0
+KIND_WIDTH = 60  # how much of an outcome's kind (e.g. an error message) the table shows
 SAMPLE_SECONDS = 0.1  # memory.current of each session for the timeline
 # A run is stopped (and counted as timed out) after lead + this many times its schedule + RUN_GRACE_SECONDS.
 RUN_TIMEOUT_FACTOR = 10.0
@@ -473,7 +474,7 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
         except grpc.RpcError as exc:  # refused for good: this session's outcome, not the harness's
             finished[m.name] = f"refused {exc.code().name}"
         except (RunError, OSError) as exc:
-            finished[m.name] = f"not started: {str(exc)[:60]}"
+            finished[m.name] = f"not started: {exc}"  # in full in results.json; the table shortens it
         finally:
             outcomes[m.name].ended = time.monotonic() - start_at
             client.close()
@@ -499,7 +500,10 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
             out.kind = "timeout" if timed_out else kind.replace("\n", " ")
     start_unix = since_unix + START_LEAD_SECONDS
     names = {sid: name for name, sid in ids.items()}
-    actions, reactions = policy_marks(daemon.log_lines(since_unix), start_unix, names)
+    lines = daemon.log_lines(since_unix)
+    # The daemon's story of this run, for what the table can only summarise (a refusal, a kill, a failure).
+    (rundir / "agentd.log").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    actions, reactions = policy_marks(lines, start_unix, names)
     return RunRecord(setup, limit, config, index, list(outcomes.values()), timeline, actions, reactions)
 
 
@@ -541,7 +545,7 @@ def group_stats(runs: Sequence[RunRecord]) -> dict[str, Any]:
         for out in run.outcomes:
             base = run.baseline.get(out.member.trace.name, {})
             if not out.survived:
-                kills.append(f"{out.member.name}:{out.kind}")
+                kills.append(f"{out.member.name}:{out.kind[:KIND_WIDTH]}")
                 continue
             assert out.replay is not None
             summary = out.replay["summary"]
