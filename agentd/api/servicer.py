@@ -209,20 +209,22 @@ class Service:
         self, request: pb.BeginToolCallRequest, scope: Session | None, placing: Placing | None
     ) -> pb.BeginToolCallResponse:
         """BeginToolCall for both transports: authorize, validate, admit, create the call and, given `placing`,
-        place its held process before answering (a refusal there raises PlacementRefused: it never ran)."""
+        place its held process before answering (a refusal there raises PlacementRefused: it never ran). The held
+        process is claimed before admission, which may queue the Begin for longer than an unclaimed HOLD lives."""
         session = self._session(request.session_id, scope)
         intent = convert.intent_from_pb(request.intent)
         validate_intent(intent, self.engine.config)
-        await self.policy.admit(session, intent)
         confined = scope is not None
         if placing is not None:
             try:
                 async with placing as (sender, pid, placed):
+                    await self.policy.admit(session, intent)
                     call, token = self.engine.begin_call(session, intent, request.report_exit, confined, (sender, pid))
                     placed(call.id)
             except (errors.PermissionDenied, errors.FailedPrecondition, HoldRefused) as exc:
                 raise PlacementRefused(exc) from exc
         else:
+            await self.policy.admit(session, intent)
             call, token = self.engine.begin_call(session, intent, request.report_exit, confined)
         return pb.BeginToolCallResponse(
             call_id=call.id,

@@ -405,3 +405,41 @@ def test_the_shared_domain_follows_a_memory_max_set_after_start(daemon_factory: 
         finally:
             (sessions / "memory.max").write_text("max")
             admin.call("DeleteSession", pb.DeleteSessionRequest(session_id=sid, force=True))
+
+
+def test_a_run_queued_by_admission_longer_than_a_hold_lives_still_starts(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A command launched held (Client.run over gRPC: HOLD on the join socket, then BeginToolCall naming it) whose
+    Begin waits in the admission queue for longer than an unclaimed HOLD lives is still placed once admitted.
+    Found by the isolation benchmark: before the fix the held process had been dropped while the Begin waited,
+    and the admitted call failed with FAILED_PRECONDITION ("could not place the tool call's process")."""
+    from agentd.api.join import HOLD_WAIT_SECONDS
+
+    d = daemon_factory(policy={"sessions_memory_max": LIMIT, "admission_max_wait_seconds": 60.0}).start()
+    outcome: dict[str, Any] = {}
+    with d.admin() as admin:
+        high, _ = create_session(admin, priority=pb.PRIORITY_HIGH)
+        normal, _ = create_session(admin, priority=pb.PRIORITY_NORMAL)
+        hold = start(admin, d, high, begin(admin, d, high, 256), tmp_path, 256, chunk=64, pause=0)
+
+        def run() -> None:
+            with Client(str(d.admin_socket), timeout=TIMEOUT) as client:
+                try:
+                    outcome["done"] = client.run(["true"], normal, expected_memory_bytes=200 * MIB)
+                except Exception as exc:  # the assertion below says what it was
+                    outcome["error"] = exc
+
+        runner = threading.Thread(target=run)
+        try:
+            wait_for(lambda: hold.allocated() >= 256, timeout=TIMEOUT)
+            runner.start()
+            time.sleep(HOLD_WAIT_SECONDS + 3)
+            queued = runner.is_alive()
+        finally:
+            hold.let_go()
+            runner.join(TIMEOUT)
+        hold.result()
+    assert queued, outcome  # it really waited in the queue past the HOLD's life
+    assert "error" not in outcome, outcome["error"]
+    assert outcome["done"].result.outcome == pb.OUTCOME_OK and outcome["done"].exit_code == 0
