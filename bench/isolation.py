@@ -724,12 +724,19 @@ def summarize(path: Path) -> int:
     order = {name: i for i, name in enumerate(CONFIGURATIONS)}
     stats = {key: group_stats(runs) for key, runs in sorted(groups.items(), key=lambda kv: (
         order.get(kv[0][2], 99), kv[0][0], kv[0][1]))}
-    for line in table([(k[0], k[1], k[2], v) for k, v in stats.items()]):
+    rows: list[tuple[str, int, str, dict[str, Any] | str]] = [(k[0], k[1], k[2], v) for k, v in stats.items()]
+    return print_tables(rows, stats, f"from {path}")
+
+
+def print_tables(rows: Sequence[tuple[str, int, str, dict[str, Any] | str]],
+                 stats: dict[tuple[str, int, str], dict[str, Any]], where: str) -> int:
+    """The table, then the machine-readable last line (1 when no configuration ran)."""
+    for line in table(rows):
         print(line)
     ran = [c for c in SUMMARY_PREFERENCE if any(k[2] == c for k in stats)]
     if not ran:
         return 1
-    print(f"# last line: configuration {ran[0]}; from {path}")
+    print(f"# last line: configuration {ran[0]}; {where}")
     print(last_line(stats, ran[0]))
     return 0
 
@@ -770,14 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append((s.name, limit, config, stats[(s.name, limit, config)]))
     (out / "results.json").write_text(json.dumps([record_json(r) for r in records], indent=1))
     print()
-    for line in table(rows):
-        print(line)
-    ran = [c for c in SUMMARY_PREFERENCE if any(k[2] == c for k in stats)]
-    if not ran:
-        return 1
-    print(f"# last line: configuration {ran[0]}; PNGs and results.json in {out}")
-    print(last_line(stats, ran[0]))
-    return 0
+    return print_tables(rows, stats, f"PNGs and results.json in {out}")
 
 
 def run_solos(s: Setup, index: int, args: argparse.Namespace, out: Path, records: list[RunRecord]
