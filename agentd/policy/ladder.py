@@ -272,18 +272,34 @@ def _recent(mem: CallMemory, now: float, config: PolicyConfig) -> tuple[float, .
 # ----- recovery -----
 
 
-def _recovery_due(ctx: _Context) -> bool:
+def _step_due(ctx: _Context, since: float | None) -> bool:
+    """A recovery step is due: its condition has held for the dwell time and the previous step is old enough."""
     m, config = ctx.memory, ctx.config
-    if m.clear_since is None or ctx.now - m.clear_since < config.recover_dwell_seconds:
+    if since is None or ctx.now - since < config.recover_dwell_seconds:
         return False
     return m.last_recovery_at is None or ctx.now - m.last_recovery_at >= config.recover_step_seconds
+
+
+def _recovery_due(ctx: _Context) -> bool:
+    return _step_due(ctx, ctx.memory.clear_since)
 
 
 def _band_thaw_due(ctx: _Context) -> bool:
-    m, config = ctx.memory, ctx.config
-    if m.calm_since is None or ctx.now - m.calm_since < config.recover_dwell_seconds:
-        return False
-    return m.last_recovery_at is None or ctx.now - m.last_recovery_at >= config.recover_step_seconds
+    return _step_due(ctx, ctx.memory.calm_since)
+
+
+def _held(ctx: _Context) -> list[CallView]:
+    """The calls recovery may act on, the most important first."""
+    return [call for call in importance_order(ctx.calls, ctx.growth)
+            if ctx.mem(call).held and ctx.mem(call).killed_at is None and _within_bound(ctx, call)]
+
+
+def _thaw_first(ctx: _Context, held: list[CallView], reason: str, spare: int) -> list[Action]:
+    """Thaw the most important call the ladder froze, bounded to `spare` (nothing if none is frozen)."""
+    for call in held:
+        if ctx.mem(call).frozen_by_policy:
+            return [ctx.action(ActionKind.THAW, call, reason, _thaw_high(ctx, call, spare))]
+    return []
 
 
 def _band_thaw(ctx: _Context) -> list[Action]:
@@ -291,26 +307,21 @@ def _band_thaw(ctx: _Context) -> list[Action]:
     important first, bounded to the headroom above the throttle reserve, so it runs again but cannot bring the
     pressure back by itself. Frozen, a call makes no progress at all; bounded, it runs until it needs more
     memory. Raising memory.high still waits for clear."""
-    frozen = [call for call in importance_order(ctx.calls, ctx.growth)
-              if ctx.mem(call).frozen_by_policy and ctx.mem(call).killed_at is None and _within_bound(ctx, call)]
-    if not frozen:
-        return []
     a = ctx.assessment
     spare = max(a.headroom - a.reserves["throttle"], 0)
     reason = (f"pressure no longer active for {ctx.now - (ctx.memory.calm_since or ctx.now):.1f}s: headroom "
               f"{format_size(a.headroom)}, thawed within {format_size(spare)} above the throttle reserve of "
               f"{format_size(a.reserves['throttle'])}")
-    return [ctx.action(ActionKind.THAW, frozen[0], reason, _thaw_high(ctx, frozen[0], spare))]
+    return _thaw_first(ctx, _held(ctx), reason, spare)
 
 
 def _recover(ctx: _Context) -> list[Action]:
     """One step, the most important held call first: every thaw before any memory.high is raised; a call whose
     next raise the domain has no room for is passed over (it stays held at what it has)."""
-    held = [call for call in importance_order(ctx.calls, ctx.growth)
-            if ctx.mem(call).held and ctx.mem(call).killed_at is None and _within_bound(ctx, call)]
-    for call in held:
-        if ctx.mem(call).frozen_by_policy:
-            return [ctx.action(ActionKind.THAW, call, _clear_reason(ctx), _thaw_high(ctx, call, _spare(ctx)))]
+    held = _held(ctx)
+    thaw = _thaw_first(ctx, held, _clear_reason(ctx), _spare(ctx))
+    if thaw:
+        return thaw
     for call in held:
         if ctx.mem(call).written_high is not None:
             value = _restore_value(ctx, call)
