@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +285,26 @@ CONFIGURATIONS: dict[str, Isolation] = {
     "agentd-policy-on": Isolation(
         "agentd-policy-on", agentd=True, overrides=lambda policy: {"policy": {"enabled": True}} if policy else None),
 }
+
+
+def add_variant(spec: str) -> str:
+    """Register agentd-policy-on-NAME from "NAME:key=value,key=value" (values: JSON numbers/booleans/strings)."""
+    name, sep, pairs = spec.partition(":")
+    if not sep or not name or not pairs:
+        raise ValueError("expected NAME:KEY=VALUE[,KEY=VALUE]")
+    values: dict[str, Any] = {"enabled": True}
+    for pair in pairs.split(","):
+        key, eq, raw = pair.partition("=")
+        if not eq:
+            raise ValueError(f"{pair!r} is not KEY=VALUE")
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw
+    config = f"agentd-policy-on-{name}"
+    CONFIGURATIONS[config] = Isolation(
+        config, agentd=True, overrides=lambda policy: {"policy": dict(values)} if policy else None)
+    return config
 
 
 def agentd_knows_policy() -> bool:
@@ -674,7 +694,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results, raw replays and PNGs")
     parser.add_argument("--summarize", metavar="RESULTS_JSON", default=None,
                         help="print the tables of an earlier (or interrupted) run's results.json; runs nothing")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                        help="an extra configuration agentd-policy-on-NAME with these [policy] values (sizes in "
+                             "bytes), run interleaved with the others: to compare a tuning within one run")
+    parser.add_argument("--limits", default=None, help="comma-separated MiB: only these limits (default: the "
+                        "setup's own)")
     args = parser.parse_args(argv)
+    for spec in args.variant:
+        try:
+            name = add_variant(spec)
+        except ValueError as exc:
+            parser.error(f"--variant {spec}: {exc}")
+        if name not in args.configs.split(","):
+            args.configs += f",{name}"
     unknown = [c for c in args.configs.split(",") if c not in CONFIGURATIONS]
     if unknown or args.runs < 1 or any(s not in ("A", "B") for s in args.setup.split(",")):
         parser.error(f"configurations: {', '.join(CONFIGURATIONS)}; setups: A, B; runs >= 1")
@@ -751,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
     setups = [setup_a(traces) if s == "A" else setup_b(traces) for s in args.setup.split(",")]
+    if args.limits:
+        setups = [replace(s, limits=tuple(int(x) * MIB for x in args.limits.split(","))) for s in setups]
     print(f"isolation: setups {', '.join(s.name for s in setups)}; configurations {', '.join(configs)}; "
           f"{args.runs} run(s) each; speed-up {args.speedup:g}x; base {BASE // MIB} MiB; traces {traces}", flush=True)
     for s in setups:

@@ -17,6 +17,7 @@ from agentd.core.sessions import Priority
 from agentd.policy.admission import AdmissionRequest, Verdict, admit, admit_queue
 from agentd.policy.assess import reserves
 from agentd.policy.ladder import decide, throttle_target
+from agentd.policy.loop import watch_trips
 from agentd.policy.model import (
     Action,
     ActionKind,
@@ -306,12 +307,31 @@ def test_kill_freezes_first_then_kills_below_the_last_resort_reserve() -> None:
     calls = [call("high", HIGH, 700 * M), call("low", LOW, 380 * M)]
     first = decide(domain(1080 * M, calls), calls, CONFIG, 0.0, LadderMemory())
     assert first.assessment.level is Level.KILL and kinds(first) == [("freeze", "low")]
-    frozen = [calls[0], replace(calls[1], frozen=True)]
-    second = decide(domain(1080 * M, frozen), frozen, CONFIG, TICK, first.memory)
+    frozen = [replace(calls[0], usage=705 * M), replace(calls[1], frozen=True)]  # the HIGH call still grows
+    second = decide(domain(1085 * M, frozen), frozen, CONFIG, 2 * TICK, first.memory)
     assert kinds(second) == [("kill", "low")]
     feedback = second.actions[0].feedback()
     assert "yielded to higher-priority sessions" in feedback and "declared 380 MiB" in feedback
     assert "1.1 GiB" in feedback and "Retry later" in feedback
+
+
+def test_no_kill_below_the_last_resort_reserve_while_nothing_grows() -> None:
+    """Setup B's premature kills: with the LOW calls frozen the domain held at 30 MiB free, below the last-resort
+    reserve, for seconds, and the ladder killed them although nothing could take that memory. A kill is due only
+    once the domain grows toward the limit again, or its limit is hit."""
+    lows = [call(f"low{i}", LOW, 240 * M, frozen=True) for i in range(4)]
+    calls = [call("high", HIGH, 100 * M), *lows]
+    memory = decide(domain(1070 * M, calls), calls, CONFIG, 0.0, LadderMemory()).memory
+    for i in range(1, round(5 / TICK)):
+        decision = decide(domain(1070 * M, calls), calls, CONFIG, i * TICK, memory)
+        memory = decision.memory
+        assert decision.assessment.level is Level.KILL and decision.actions == (), i
+    now = 5.1  # the growth sample is at least lookahead/2 old
+    grown = [replace(calls[0], usage=104 * M), *lows]  # the HIGH call grows again: ~25 MiB/s
+    kill = decide(domain(1074 * M, grown), grown, CONFIG, now, memory)
+    assert [kind for kind, _ in kinds(kill)] == ["kill"]
+    hit = decide(domain(1070 * M, calls, events=MemoryEvents(max=1)), calls, CONFIG, now, memory)
+    assert [kind for kind, _ in kinds(hit)] == ["kill"]
 
 
 def test_emergency_kills_at_once() -> None:
@@ -357,6 +377,24 @@ def test_no_kill_while_headroom_is_above_the_last_resort_reserve() -> None:
         memory = decision.memory
         calls = [replace(calls[0], frozen=memory.call("low").frozen_by_policy)]
         assert all(kind != "kill" for kind, _ in kinds(decision))
+
+
+# ----- the watch between episodes -----
+
+
+def test_the_watch_decides_only_near_the_throttle_reserve_and_on_fast_growth() -> None:
+    calls = [call("low", LOW, 600 * M)]
+    last = decide(domain(700 * M, calls), calls, CONFIG, 0.0, LadderMemory()).assessment
+    throttle = last.reserves["throttle"]
+    calm = LIMIT - throttle - 50 * M
+    assert not watch_trips(last, calm, None, 1.0, CONFIG)
+    assert not watch_trips(last, calm, (calm - M, 0.98), 1.0, CONFIG)  # 50 MiB/s: 10 MiB within the lookahead
+    assert watch_trips(last, calm, (calm - 20 * M, 0.98), 1.0, CONFIG)  # 1 GiB/s: 200 MiB within the lookahead
+    assert watch_trips(last, LIMIT - throttle + M, (LIMIT - throttle + M, 0.98), 1.0, CONFIG)
+    # What the watch lets pass, the decision would not call pressure either (same usage, same growth).
+    memory = decide(domain(calm - M, calls), calls, CONFIG, 0.9, LadderMemory()).memory
+    grown = [replace(calls[0], usage=600 * M + M)]
+    assert not decide(domain(calm, grown), grown, CONFIG, 1.0, memory).assessment.active
 
 
 # ----- rung 4: recovery -----

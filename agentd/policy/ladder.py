@@ -7,9 +7,9 @@ While pressure is active (level > NONE), victims (victims.py) are, per decision:
 2. frozen: the first victim not frozen when the projected headroom is below the freeze reserve, or when a
    higher-priority session still stalls after the victim's throttle grace; any victim throttled for
    max_throttle_seconds while pressure is still active (escalation is bounded in time);
-3. killed: only when the headroom is below the last-resort reserve, the first victim, once it was frozen (or at
-   once below the emergency reserve); one kill at a time, the next after the killed call is gone or
-   kill_settle_seconds have passed.
+3. killed: only when the headroom is below the last-resort reserve and the domain still grows toward its limit
+   (oom_imminent), the first victim, once it was frozen (or at once below the emergency reserve); one kill at a
+   time, the next after the killed call is gone or kill_settle_seconds have passed.
 Once pressure has not been active for the dwell time (the band between active and clear), frozen calls are
 thawed one per recover_step_seconds, each bounded to the headroom above the throttle reserve: frozen, a call
 makes no progress at all, bounded, it cannot bring the pressure back by itself.
@@ -49,6 +49,9 @@ from agentd.policy.victims import candidates, importance_order
 _RECOVERY = (ActionKind.THAW, ActionKind.RESTORE)
 # Below this a call's usage is steady (page-cache noise), not demand for more memory.
 STEADY_GROWTH_BYTES_PER_S = 1 << 20
+# Below the last-resort reserve, a domain that would reach the emergency reserve within this time at its growth
+# is about to OOM (a kill needs about this long to free its memory: kill_settle_seconds' default).
+IMMINENT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,19 @@ def _kill_step(ctx: _Context, victims: list[CallView]) -> Action | None:
     if not ctx.frozen(victim) and not emergency:
         return ctx.action(ActionKind.FREEZE, victim, f"headroom {format_size(a.headroom)} below the last-resort "
                           f"reserve of {format_size(a.reserves['kill'])}: frozen before it is killed")
+    if not emergency and not oom_imminent(a, ctx.domain):
+        return None  # frozen, the victims cannot grow; what still runs is not growing toward the limit
     return ctx.action(ActionKind.KILL, victim, _kill_reason(ctx, victim, emergency))
+
+
+def oom_imminent(a: Assessment, domain: DomainState) -> bool:
+    """Below the last-resort reserve, an OOM kill is imminent only if the domain still grows: its limit was hit
+    (memory.events), or at its growth it reaches the emergency reserve within IMMINENT_SECONDS. Once the victims
+    are frozen and nothing else grows, the domain holds where it is: killing then frees memory nobody needs."""
+    if domain.events.limit_hit:
+        return True
+    above_emergency = a.headroom - a.reserves["emergency"]
+    return a.growth * IMMINENT_SECONDS >= above_emergency
 
 
 def _stuck_kill(ctx: _Context, victims: list[CallView]) -> Action | None:

@@ -3,7 +3,9 @@
 Signals, event-driven through the core's one epoll (kernel/watch.py): a PSI trigger on the memory.pressure of
 sessions/ and of every session (where the kernel has PSI), and memory.events.local of each pressure domain.
 A signal runs a decision for every domain at once; while any domain is under pressure, or the ladder still
-holds calls it must give back, a tick repeats it every `tick_seconds`. Otherwise nothing polls.
+holds calls it must give back, a tick repeats it every `tick_seconds`. Between episodes a domain that runs tool
+calls is watched: one read of its memory.current every `watch_seconds` (watch_trips), a decision only when that
+reading comes near the throttle reserve, and one at least every WATCH_MAX_SECONDS. Otherwise nothing polls.
 
 Pressure domains: sessions/ (every agent on the host; its limit is `sessions_memory_max`, or the smallest
 memory.max above it, or physical memory minus `host_reserve`) and each session with a memory budget.
@@ -51,10 +53,10 @@ log = logging.getLogger(__name__)
 ADMISSION_RECHECK_SECONDS = 0.1
 # Between episodes no kernel signal says that a domain's headroom is shrinking towards the throttle reserve:
 # cgroup v2 has no usage thresholds, and PSI reports stall only once the kernel reclaims, which for anonymous
-# memory without swap starts at the limit itself, when only a kill is left. So while a domain has sessions the loop
-# looks again after the time growth this fast would need to eat the headroom above the throttle reserve ...
-WATCH_GROWTH_BYTES_PER_S = 1 << 30  # 1 GiB/s: a large burst (2.9 GB/s peaks are seen through the lookahead)
-WATCH_MAX_SECONDS = 1.0  # ... but at least this often, and never more often than tick_seconds
+# memory without swap starts at the limit itself, when only a kill is left. So a domain that runs calls is
+# watched by reading its usage alone (watch_seconds), and fully decided on at least this often (growth samples,
+# the band's timers):
+WATCH_MAX_SECONDS = 1.0
 ActionListener = Callable[[Action, float | None], None]  # the action, seconds since the pressure signal
 
 
@@ -83,6 +85,8 @@ class Domain:
     psi_fd: int | None = None
     held: set[str] = field(default_factory=set)  # sessions the ladder held a call of at the previous decision
     announced: bool = False  # "pressure" was published and "clear" not yet
+    watched: bool = False  # it runs calls and is not ticking: watched between decisions
+    looked: tuple[int, float] | None = None  # the watch's previous reading: usage, when
 
 
 @dataclass(eq=False)
@@ -98,9 +102,10 @@ class PolicyLoop:
     _at_high: HighMeter = field(default_factory=HighMeter)
     _session_triggers: dict[str, int] = field(default_factory=dict)  # PSI trigger fds of sessions
     _tick: asyncio.TimerHandle | None = None
+    _watch: asyncio.TimerHandle | None = None
     _scheduled: bool = False
     _signal_at: float | None = None  # the earliest pressure signal not yet acted on (monotonic)
-    _decided_at: float | None = None  # the previous decision (monotonic)
+    _decided_at: float | None = None  # the previous look at the domains, a decision or the watch's (monotonic)
     _onset: dict[str, float] = field(default_factory=dict)  # per domain: the signal that began its episode
     _decided: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -191,9 +196,10 @@ class PolicyLoop:
 
     def _decide_all(self) -> None:
         self._scheduled = False
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = None
+        for handle in (self._tick, self._watch):
+            if handle is not None:
+                handle.cancel()
+        self._tick = self._watch = None
         now = time.monotonic()
         signal_at, self._signal_at = self._signal_at, None
         # Without a signal (a tick found it) pressure began at the latest since the previous look.
@@ -211,10 +217,32 @@ class PolicyLoop:
         due = [delay for delay in delays if delay is not None]
         if due:
             self._tick = self.engine.loop.call_later(min(due), self._decide_all)
+        self._arm_watch()
+
+    def _arm_watch(self) -> None:
+        if any(domain.watched for domain in self.domains.values()):
+            self._watch = self.engine.loop.call_later(self.config.watch_seconds, self._look)
+
+    def _look(self) -> None:
+        """The watch: one memory.current per watched domain; a decision for all when one comes near pressure."""
+        self._watch = None
+        now = time.monotonic()
+        for domain in self.domains.values():
+            if not domain.watched or domain.last is None:
+                continue
+            usage = max(cgroupfs.memory_current(domain.path), 0)
+            previous, domain.looked = domain.looked, (usage, now)
+            if watch_trips(domain.last, usage, previous, now, self.config):
+                log.debug("policy watch", extra={"domain": domain.name, "usage": usage})
+                self._decide_all()  # pressure began at the latest since the previous look
+                return
+        self._decided_at = now
+        self._arm_watch()
 
     def _decide(self, domain: Domain, now: float, onset: float) -> float | None:
         """One decision for one domain; when it wants the next one: a tick while it is under pressure or holds
-        calls, a watch while it has sessions (watch_delay), None when it has none."""
+        calls, at most WATCH_MAX_SECONDS while it has sessions (and the watch in between while it runs calls),
+        None when it has none."""
         sessions = self._sessions_of(domain)
         if domain.session is None:  # anyone may change a memory.max above sessions/ (an operator, MemoryMax=)
             domain.limit = limit_above(domain.path, self.engine.tree.mount, self.config.host_reserve)
@@ -242,9 +270,12 @@ class PolicyLoop:
         held = held_sessions(domain.memory, views)
         self._mute_released(sessions, domain.held - held, now)  # restored: their echo starts now
         domain.held = held
-        if a.active or any(mem.held for mem in domain.memory.calls.values()):
+        ticking = a.active or any(mem.held for mem in domain.memory.calls.values())
+        domain.watched = not ticking and bool(views)
+        domain.looked = (a.usage, now)
+        if ticking:
             return self.config.tick_seconds
-        return watch_delay(a, self.config) if sessions else None
+        return WATCH_MAX_SECONDS if sessions else None
 
     def _carry_out(self, domain: Domain, action: Action, others: act.OtherHolds, now: float) -> None:
         reaction = None
@@ -376,8 +407,9 @@ class PolicyLoop:
 
 
     def close(self) -> None:
-        if self._tick is not None:
-            self._tick.cancel()
+        for handle in (self._tick, self._watch):
+            if handle is not None:
+                handle.cancel()
         for domain in self.domains.values():
             self._unwatch(domain)
         for fd in self._session_triggers.values():
@@ -394,11 +426,16 @@ def held_sessions(memory: LadderMemory, views: list[CallView]) -> set[str]:
     return {view.session_id for view in views if memory.call(view.id).held}
 
 
-def watch_delay(a: Assessment, config: PolicyConfig) -> float:
-    """When to look again at a domain without pressure that runs calls: before growth of WATCH_GROWTH_BYTES_PER_S
-    could take it below the throttle reserve, within [tick_seconds, WATCH_MAX_SECONDS]."""
-    room = max(a.headroom - a.reserves["throttle"], 0)
-    return min(max(room / WATCH_GROWTH_BYTES_PER_S, config.tick_seconds), WATCH_MAX_SECONDS)
+def watch_trips(last: Assessment, usage: int, previous: tuple[int, float] | None, now: float,
+                config: PolicyConfig) -> bool:
+    """Whether the watch's reading calls for a decision: the headroom it reads, minus the lookahead at the growth
+    since the previous reading, is below the throttle reserve (the decision's own projection counts no more growth
+    than that, so nothing that would be pressure is missed)."""
+    growth = 0.0
+    if previous is not None and now > previous[1]:
+        growth = max((usage - previous[0]) / (now - previous[1]), 0.0)
+    projected = last.limit - usage - growth * config.lookahead_seconds
+    return projected < last.reserves["throttle"]
 
 
 def _event(a: Assessment, kind: str, *, session_id: str = "", call_id: str = "", call_usage: int = 0,

@@ -59,7 +59,11 @@ class PolicyConfig:
         "size", "memory kept for the host and agentd when sessions/ has no memory.max of its own or above it"))
     # ----- signals (used by the loop's I/O side) -----
     tick_seconds: float = field(default=0.05, metadata=_key(
-        "float", "while pressure is active the loop reads usage this often (nothing polls otherwise)", 0.005, 1.0))
+        "float", "while pressure is active (or calls are held) the loop decides this often", 0.005, 1.0))
+    watch_seconds: float = field(default=0.02, metadata=_key(
+        "float", "between episodes, a domain running tool calls has its memory.current read this often; a decision "
+        "follows only when the reading nears the throttle reserve (nothing polls a domain without calls)",
+        0.005, 1.0))
     psi_stall_us: int = field(default=50_000, metadata=_key(
         "int", "PSI trigger: stall (µs of 'some' memory stall) within the window that wakes the loop", 1000,
         10_000_000))
