@@ -238,6 +238,11 @@ def memory_current(path: Path) -> int:
     return _read_int(f"{path}/memory.current")
 
 
+def memory_peak(path: Path) -> int:
+    """The cgroup's highest usage since it was made (-1: unreadable, e.g. a kernel before 5.19)."""
+    return _read_int(f"{path}/memory.peak")
+
+
 def cgroup_of_pid(mount: Path, pid: int) -> Path | None:
     """The cgroup v2 directory of a process, or None if it is gone."""
     try:

@@ -5,6 +5,12 @@ Stall counts only for sessions the ladder holds nothing of: a call throttled by 
 and counting that stall would keep the episode alive forever. Without PSI the ladder runs on headroom and the
 domain's memory.events alone.
 
+Declarations (reserve_declared): what calls above the victims' tier declared and have not reached yet is claimed
+for them. Pressure is active when the projected headroom minus that claim is below the throttle reserve, and clear
+only when the headroom minus the claim is above the recover reserve: the lower tier is held before it takes
+memory the higher one said it will need, since freezing frees nothing and a kill would have to give it back. A
+claim alone only throttles (freeze and kill levels go by the memory actually in use).
+
 The projection (headroom minus lookahead x growth) counts no growth the kernel will not allow: a call bounded by
 a memory.high or memory.max (the ladder's or its own) can add at most its room below that bound, a frozen one
 nothing. Without that, a thawed or restored call catching up to its bound in one tick reads as runaway growth and
@@ -19,6 +25,7 @@ from types import MappingProxyType
 
 from agentd.policy.model import Assessment, CallMemory, CallView, DomainState, LadderMemory, Level
 from agentd.policy.settings import PolicyConfig, reserve
+from agentd.policy.victims import claimed
 
 
 def reserves(limit: int, config: PolicyConfig) -> dict[str, int]:
@@ -114,21 +121,24 @@ def assess(
     call_growth = window_growth(memory, calls, now, config)
     headroom = domain.headroom
     projected = headroom - projected_growth(growth, call_growth, calls, memory, config)
+    claim = claimed(calls, memory, config) if config.reserve_declared else 0
     stall = protected_stall(domain, calls, memory.calls)
-    active = (
+    physical = (
         projected < marks["throttle"]
         or (stall is not None and stall >= config.pressure_stall_pct)
         or domain.events.limit_hit
     )
+    active = physical or projected - claim < marks["throttle"]
     clear = (
         not active
-        and headroom >= marks["recover"]
+        and headroom - claim >= marks["recover"]
         and (stall is None or stall < config.clear_stall_pct)
     )
     return Assessment(
         domain=domain.name, limit=domain.limit, usage=domain.usage, headroom=headroom,
         projected_headroom=projected, growth=growth, stall_pct=stall, level=_level(headroom, projected, active, marks),
-        active=active, clear=clear, reserves=marks, call_growth=MappingProxyType(call_growth),
+        active=active, clear=clear, reserves=marks, call_growth=MappingProxyType(call_growth), claimed=claim,
+        claim_only=active and not physical,
     )
 
 

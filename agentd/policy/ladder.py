@@ -152,7 +152,7 @@ def _kill_step(ctx: _Context, victims: list[CallView]) -> Action | None:
     if not victims or _kill_settling(ctx):
         return None
     if a.level < Level.KILL:
-        return _stuck_kill(ctx, victims)
+        return None if a.claim_only else _stuck_kill(ctx, victims)
     victim = victims[0]
     emergency = a.headroom < a.reserves["emergency"]
     if not ctx.frozen(victim) and not emergency:
@@ -234,8 +234,8 @@ def _throttled_for(ctx: _Context, call: CallView) -> float:
 def _timed_freeze(ctx: _Context, call: CallView) -> Action | None:
     """memory.high alone can throttle forever: a victim throttled this long while pressure lasts is frozen."""
     throttled = _throttled_for(ctx, call)
-    if ctx.frozen(call) or throttled < ctx.config.max_throttle_seconds:
-        return None
+    if ctx.frozen(call) or throttled < ctx.config.max_throttle_seconds or ctx.assessment.claim_only:
+        return None  # held for a claim, it runs: the claim is the higher tier's, not a shortage
     return ctx.action(ActionKind.FREEZE, call, f"throttled {throttled:.1f}s without relief "
                       f"(max_throttle_seconds {ctx.config.max_throttle_seconds:g})")
 
@@ -268,6 +268,10 @@ def _throttle(ctx: _Context, call: CallView) -> Action | None:
 
 
 def _pressure_reason(a: Assessment, config: PolicyConfig) -> str:
+    if a.claim_only:
+        return (f"projected headroom {_signed_size(a.projected_headroom)} less {format_size(a.claimed)} declared by "
+                f"higher-priority calls and not used yet is below the throttle reserve of "
+                f"{format_size(a.reserves['throttle'])}")
     if a.projected_headroom < a.reserves["throttle"]:
         return (f"projected headroom {_signed_size(a.projected_headroom)} below the throttle reserve of "
                 f"{format_size(a.reserves['throttle'])}")
@@ -323,10 +327,10 @@ def _band_thaw(ctx: _Context) -> list[Action]:
     pressure back by itself. Frozen, a call makes no progress at all; bounded, it runs until it needs more
     memory. Raising memory.high still waits for clear."""
     a = ctx.assessment
-    spare = max(a.headroom - a.reserves["throttle"], 0)
+    spare = max(a.free - a.reserves["throttle"], 0)
     reason = (f"pressure no longer active for {ctx.now - (ctx.memory.calm_since or ctx.now):.1f}s: headroom "
-              f"{format_size(a.headroom)}, thawed within {format_size(spare)} above the throttle reserve of "
-              f"{format_size(a.reserves['throttle'])}")
+              f"{format_size(a.headroom)} ({format_size(a.claimed)} claimed), thawed within {format_size(spare)} "
+              f"above the throttle reserve of {format_size(a.reserves['throttle'])}")
     return _thaw_first(ctx, _held(ctx), reason, spare)
 
 
@@ -346,9 +350,9 @@ def _recover(ctx: _Context) -> list[Action]:
 
 
 def _spare(ctx: _Context) -> int:
-    """What the domain can give a call back without leaving the clear side: its headroom above the recover
-    reserve."""
-    return max(ctx.assessment.headroom - ctx.assessment.reserves["recover"], 0)
+    """What the domain can give a call back without leaving the clear side: its headroom, less what is claimed,
+    above the recover reserve."""
+    return max(ctx.assessment.free - ctx.assessment.reserves["recover"], 0)
 
 
 def _thaw_high(ctx: _Context, call: CallView, spare: int) -> int:
@@ -388,6 +392,7 @@ def _clear_reason(ctx: _Context) -> str:
     assert ctx.memory.clear_since is not None
     stall = "no PSI" if a.stall_pct is None else f"stall {a.stall_pct:.1f}%"
     return (f"pressure clear for {ctx.now - ctx.memory.clear_since:.1f}s: headroom {format_size(a.headroom)} "
+            f"({format_size(a.claimed)} claimed) "
             f"above the recover reserve of {format_size(a.reserves['recover'])}, {stall}")
 
 

@@ -429,12 +429,12 @@ def held_sessions(memory: LadderMemory, views: list[CallView]) -> set[str]:
 def watch_trips(last: Assessment, usage: int, previous: tuple[int, float] | None, now: float,
                 config: PolicyConfig) -> bool:
     """Whether the watch's reading calls for a decision: the headroom it reads, minus the lookahead at the growth
-    since the previous reading, is below the throttle reserve (the decision's own projection counts no more growth
-    than that, so nothing that would be pressure is missed)."""
+    since the previous reading and the claim of the previous decision, is below the throttle reserve (the
+    decision's own projection counts no more growth than that, so nothing that would be pressure is missed)."""
     growth = 0.0
     if previous is not None and now > previous[1]:
         growth = max((usage - previous[0]) / (now - previous[1]), 0.0)
-    projected = last.limit - usage - growth * config.lookahead_seconds
+    projected = last.limit - usage - growth * config.lookahead_seconds - last.claimed
     return projected < last.reserves["throttle"]
 
 
@@ -445,6 +445,9 @@ def _event(a: Assessment, kind: str, *, session_id: str = "", call_id: str = "",
 
 
 def _why(a: Assessment) -> str:
+    if a.claim_only:
+        return (f"projected headroom {a.projected_headroom} less {a.claimed} declared by higher-priority calls is "
+                f"below the throttle reserve {a.reserves['throttle']}")
     if a.headroom < a.reserves["throttle"] or a.projected_headroom < a.reserves["throttle"]:
         return f"projected headroom {a.projected_headroom} below the throttle reserve {a.reserves['throttle']}"
     if a.stall_pct is not None:

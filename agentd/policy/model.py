@@ -104,11 +104,17 @@ class CallView:
     # The kernel hit its memory.high lately (memory.events `high` rose): held there, it wants more, even while
     # reclaim keeps its usage a few MiB below the bound. Read only for calls whose memory.high the ladder holds.
     at_high: bool = False
+    peak: int = 0  # its highest usage so far (memory.peak; 0: unknown)
 
     @property
     def excess(self) -> int:
         """How far above its declaration it is (negative: within it)."""
         return self.usage - self.expected
+
+    @property
+    def unclaimed(self) -> int:
+        """What it declared and has not reached yet (usage or peak so far): memory it said it will need."""
+        return max(self.expected - max(self.usage, self.peak), 0)
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,15 @@ class Assessment:
     clear: bool  # clear now (below the low-water marks)
     reserves: Mapping[str, int]
     call_growth: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))  # over the window
+    # What calls more important than the victims declared and have not reached yet (reserve_declared): kept free
+    # for them, so the lower tier is held before it takes memory a kill would have to give back.
+    claimed: int = 0
+    claim_only: bool = False  # active only because of `claimed`: throttling, never a timed freeze or kill
+
+    @property
+    def free(self) -> int:
+        """The headroom the victims' tier may use: headroom minus what is claimed."""
+        return self.headroom - self.claimed
 
     def log_extra(self) -> dict[str, object]:
         return {
@@ -178,6 +193,7 @@ class Assessment:
             "usage": self.usage,
             "headroom": self.headroom,
             "projected_headroom": self.projected_headroom,
+            "claimed": self.claimed,
             "domain_growth": round(self.growth),
             "stall_pct": self.stall_pct,
             "level": self.level.name.lower(),

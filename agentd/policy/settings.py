@@ -80,6 +80,9 @@ class PolicyConfig:
         "float", "low-water mark: stall below this (and headroom above the recover reserve) is clear", 0.0, 100.0))
     lookahead_seconds: float = field(default=0.2, metadata=_key(
         "float", "throttle and freeze act on headroom minus this many seconds of the domain's growth", 0.0, 10.0))
+    reserve_declared: bool = field(default=True, metadata=_key(
+        "bool", "keep free what calls more important than the victims declared (expected_memory_bytes) and have not "
+        "reached yet: the lower tier is throttled before it takes memory the higher one said it will need"))
     # ----- reserves (headroom thresholds): max(ratio x limit, floor) -----
     throttle_reserve_ratio: float = field(default=0.10, metadata=_key(
         "float", "headroom below this share of the limit is pressure: throttle", 0.0, 0.9))

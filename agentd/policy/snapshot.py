@@ -150,6 +150,7 @@ def call_view(call: ToolCall, session: Session, config: Config, high_meter: High
         memory_max=call.limits.memory_max,
         frozen=(cgroupfs.read_text(call.path / "cgroup.freeze") or "0").strip() == "1",
         at_high=high_meter.at_high(call, now) if high_meter is not None else False,
+        peak=max(cgroupfs.memory_peak(call.path), 0),
     )
 
 

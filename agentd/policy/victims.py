@@ -5,7 +5,8 @@ it, the furthest above first; calls within their declaration come by growth, the
 so the order is deterministic). The ladder touches only the lowest tier that still holds a call able to give
 way (alive, not killed by the ladder, using at least `min_victim_bytes`) or is dying (killed by the ladder
 within kill_settle_seconds): a HIGH session's call is never touched while a lower-priority call can give way or
-is about to release its memory. Recovery goes the other way: the most important first.
+is about to release its memory. Recovery goes the other way: the most important first. What the calls above
+that tier declared and have not used yet is claimed for them (`claimed`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def dying(call: CallView, memory: LadderMemory, config: PolicyConfig, now: float
     """Killed by the ladder within kill_settle_seconds and not gone yet: its memory is about to be released."""
     killed_at = memory.call(call.id).killed_at
     return killed_at is not None and now - killed_at < config.kill_settle_seconds
+
+
+def claimed(calls: tuple[CallView, ...], memory: LadderMemory, config: PolicyConfig) -> int:
+    """What the calls above the victims' tier declared and have not reached yet (0 when every call is in one tier):
+    memory they said they will need, which the tier below must leave them."""
+    able = [rank(call.priority) for call in calls if can_give_way(call, memory, config)]
+    if not able:
+        return 0
+    tier = min(able)
+    return sum(call.unclaimed for call in calls if rank(call.priority) > tier)
 
 
 def candidates(
