@@ -199,3 +199,16 @@ def value(text: str, sample: str) -> float:
     match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
     assert match, f"{sample} not in metrics"
     return float(match.group(1))
+
+
+# The ladder's unit tests run at these fixed reserves and recovery timings (the defaults until December 2026), so
+# that they test its logic rather than today's tuning; docs/policy.md has the defaults.
+MIB_ = 1 << 20
+LADDER_TEST_TUNING: dict[str, float | int] = {
+    "throttle_reserve_ratio": 0.10, "throttle_reserve_min": 128 * MIB_,
+    "freeze_reserve_ratio": 0.05, "freeze_reserve_min": 64 * MIB_,
+    "kill_reserve_ratio": 0.02, "kill_reserve_min": 32 * MIB_,
+    "emergency_reserve_ratio": 0.01, "emergency_reserve_min": 16 * MIB_,
+    "recover_reserve_ratio": 0.15, "recover_reserve_min": 192 * MIB_,
+    "recover_dwell_seconds": 2.0, "recover_step_seconds": 0.25,
+}

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+from support import LADDER_TEST_TUNING
+
 from agentd.core.sessions import Priority
 from agentd.policy.ladder import decide
 from agentd.policy.model import CallView, DomainState, LadderMemory, Level
@@ -17,7 +19,7 @@ LIMIT = 1024 * MIB
 
 
 def test_jitter_between_ticks_is_not_a_burst() -> None:
-    config = PolicyConfig()
+    config = PolicyConfig(**LADDER_TEST_TUNING)  # type: ignore[arg-type]
     # Steady just above the freeze reserve's projection margin: 100 MiB of headroom, usage wobbling by 6 MiB.
     calls = (CallView("low", "s-low", Priority.LOW, 300 * MIB, 300 * MIB, 0, 0),)
     memory, now, levels = LadderMemory(), 0.0, []
@@ -30,7 +32,7 @@ def test_jitter_between_ticks_is_not_a_burst() -> None:
 
 
 def test_a_real_burst_is_still_projected() -> None:
-    config = PolicyConfig()
+    config = PolicyConfig(**LADDER_TEST_TUNING)  # type: ignore[arg-type]
     calls = (CallView("low", "s-low", Priority.LOW, 300 * MIB, 300 * MIB, 0, 0),)
     memory, now, projected = LadderMemory(), 0.0, []
     for step in range(30):  # 1 GiB/s from 400 MiB of headroom
@@ -48,7 +50,7 @@ def test_a_victim_frozen_too_long_under_lasting_pressure_is_killed() -> None:
     """Freezing frees nothing: when the pressure lasts, the frozen victim gives way for good after
     max_freeze_seconds instead of waiting for its own timeout (found in the guest: two calls of a budgeted
     session that together exceed its budget stayed frozen)."""
-    config = PolicyConfig()
+    config = PolicyConfig(**LADDER_TEST_TUNING)  # type: ignore[arg-type]
     low = CallView("low", "s-low", Priority.LOW, 400 * MIB, 100 * MIB, 0, 0)
     memory, now, kinds = LadderMemory(), 0.0, []
     while now < config.max_throttle_seconds + config.max_freeze_seconds + 5:
@@ -69,7 +71,7 @@ def test_a_victim_frozen_too_long_under_lasting_pressure_is_killed() -> None:
 def test_a_bounded_call_projects_no_more_than_its_room() -> None:
     """A call catching up to its memory.high (here 40 MiB below it, growing 1 GiB/s) adds at most those 40 MiB
     to the projection; the same growth of an unbounded call is projected in full."""
-    config = PolicyConfig()
+    config = PolicyConfig(**LADDER_TEST_TUNING)  # type: ignore[arg-type]
     projections = {}
     for high in (340 * MIB, 0):
         calls = (CallView("low", "s-low", Priority.LOW, 300 * MIB, 300 * MIB, high, 0),)

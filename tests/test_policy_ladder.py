@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import REPO
+from support import LADDER_TEST_TUNING, REPO
 
 from agentd.core.sessions import Priority
 from agentd.policy.admission import AdmissionRequest, Verdict, admit, admit_queue
@@ -31,10 +31,11 @@ from agentd.policy.model import (
     rank,
 )
 from agentd.policy.settings import PolicyConfig, PolicyConfigError, describe, from_table, policy_keys
+from agentd.policy.victims import victim_order
 
 M = 1 << 20
 HIGH, NORMAL, LOW = Priority.HIGH, Priority.NORMAL, Priority.LOW
-CONFIG = PolicyConfig()
+CONFIG = PolicyConfig(**LADDER_TEST_TUNING)  # type: ignore[arg-type]
 LIMIT = 1100 * M
 TICK = 0.05
 NO_EVENTS = MemoryEvents()
@@ -220,6 +221,27 @@ def test_high_is_throttled_when_nothing_lower_can_give_way() -> None:
 
 
 # ----- rung 1: throttle -----
+
+
+def test_the_first_victim_may_grow_up_to_the_throttle_reserve_the_others_are_held_at_usage() -> None:
+    """Two LOW calls burst at once; the domain still has 100 MiB above the throttle reserve but its growth
+    projects below it: the first victim is throttled at usage plus that room (its burst fits), the second at
+    usage plus the slack (it takes its turn). Under a stall both are held at usage."""
+    memory = LadderMemory()
+    throttle = reserves(LIMIT, CONFIG)["throttle"]
+    usage = LIMIT - throttle - 100 * M
+    lows = [call("low1", LOW, 300 * M, high=500 * M), call("low2", LOW, 290 * M, high=500 * M)]
+    memory = decide(domain(usage - 60 * M, lows), lows, CONFIG, 0.0, memory).memory
+    grown = [call("low1", LOW, 330 * M, high=500 * M), call("low2", LOW, 320 * M, high=500 * M)]
+    decision = decide(domain(usage, grown), grown, CONFIG, 0.1, memory)  # 600 MiB/s: 120 MiB in the lookahead
+    highs = {a.call_id: a.memory_high for a in decision.actions if a.kind is ActionKind.THROTTLE}
+    assert decision.assessment.active and decision.assessment.headroom - throttle == 100 * M
+    first, second = (v for v in victim_order(tuple(grown), decision.assessment.call_growth))
+    assert highs[first.id] == first.usage + 100 * M  # up to the reserve, not beyond
+    assert highs[second.id] == throttle_target(second, CONFIG)
+    stalled = decide(domain(usage, grown, stall={"s-low1": 50.0, "s-low2": 50.0}), grown, CONFIG, 0.1, memory)
+    assert all(a.memory_high == throttle_target(next(c for c in grown if c.id == a.call_id), CONFIG)
+               for a in stalled.actions if a.kind is ActionKind.THROTTLE)
 
 
 def test_throttle_steps_are_bounded_and_converge_just_above_usage() -> None:
@@ -569,7 +591,8 @@ def sims(draw: st.DrawFn, steady: bool = False) -> Sim:
     total = base + sum(c.usage for c in calls)
     if total > limit:  # start within the limit
         limit = total + draw(st.integers(0, 100)) * M
-    return Sim(calls, limit=limit, base=base)
+    # The logic at the pinned tuning, and today's defaults.
+    return Sim(calls, limit=limit, base=base, config=draw(st.sampled_from([CONFIG, PolicyConfig()])))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -593,8 +616,9 @@ def test_steady_load_converges_without_flapping(sim: Sim) -> None:
     assert all(not d.actions for _, d, _, _ in sim.log[-round(5.0 / TICK):])
 
 
+@pytest.mark.parametrize("config", [CONFIG, PolicyConfig()], ids=["pinned", "defaults"])
 @pytest.mark.parametrize("rate", [100, 200, 400, 800, 1600])
-def test_a_call_throttled_on_its_growth_is_not_restored_back_into_pressure(rate: int) -> None:
+def test_a_call_throttled_on_its_growth_is_not_restored_back_into_pressure(rate: int, config: PolicyConfig) -> None:
     """The guest's steady-load test in miniature: 512 MiB, HIGH holds 160, LOW grows toward 320 at `rate` MiB/s
     (all of it would leave less than the freeze reserve). The growing LOW call is throttled (or, faster, frozen)
     on the projection while the headroom itself is still above the recover reserve; held, it stops growing, so
@@ -602,7 +626,8 @@ def test_a_call_throttled_on_its_growth_is_not_restored_back_into_pressure(rate:
     Before the fix a restore let it grow into pressure again and it was frozen, and a thawed call catching up to
     its memory.high read as runaway growth and was frozen again (freeze, thaw, freeze... while it ran)."""
     sim = Sim([SimCall("high", HIGH, 160 * M, 192 * M, 0.0, 160 * M),
-               SimCall("low", LOW, 10 * M, 432 * M, rate * M, 320 * M, high=432 * M)], base=20 * M, limit=512 * M)
+               SimCall("low", LOW, 10 * M, 432 * M, rate * M, 320 * M, high=432 * M)], base=20 * M, limit=512 * M,
+              config=config)
     sim.run(20.0)
     check_invariants(sim)
     acted = [(t, a.kind) for t, a in sim.actions()]
@@ -611,7 +636,7 @@ def test_a_call_throttled_on_its_growth_is_not_restored_back_into_pressure(rate:
     assert directions == sorted(directions, reverse=True), acted  # never escalated again after a restore
     assert not any(t > 10.0 for t, _ in acted), acted  # and then left alone
     assert sim.ooms == 0 and not sim.calls[1].frozen
-    assert sim.limit - sim.usage() >= reserves(sim.limit, CONFIG)["throttle"]  # it ends in the band, not in pressure
+    assert sim.limit - sim.usage() >= reserves(sim.limit, config)["throttle"]  # it ends in the band, not in pressure
 
 
 @settings(max_examples=100, deadline=None)
@@ -778,11 +803,14 @@ def test_invalid_configuration_names_the_key(table: dict[str, object], wrong: st
 def test_configuration_from_a_toml_table() -> None:
     config = from_table({"max_throttle_seconds": 5, "admission_low": "refuse"})
     assert config.max_throttle_seconds == 5.0 and isinstance(config.max_throttle_seconds, float)
-    assert from_table({}) == CONFIG
+    assert from_table({}) == PolicyConfig()
 
 
 def test_reserves_are_ordered_and_floors_scale_down_for_small_domains() -> None:
-    big, small = reserves(LIMIT, CONFIG), reserves(256 * M, CONFIG)
-    assert list(big.values()) == sorted(big.values()) and len(set(big.values())) == 5
-    assert big["throttle"] == 128 * M and big["kill"] == 32 * M
-    assert small["recover"] == 48 * M and small["kill"] == 8 * M  # floors x 1/4, not 192/32 MiB of 256
+    defaults = PolicyConfig()
+    big, mid, small = (reserves(limit, defaults) for limit in (4096 * M, LIMIT, 256 * M))
+    for marks in (big, mid, small):
+        assert list(marks.values()) == sorted(marks.values()) and len(set(marks.values())) == 5
+    assert big["throttle"] == int(4096 * M * 0.05) and big["recover"] == int(4096 * M * 0.08)  # shares
+    assert mid["throttle"] == 64 * M and mid["recover"] == 96 * M  # floors
+    assert small["recover"] == 24 * M and small["kill"] == 6 * M  # floors x 1/4, not 96/24 MiB of 256

@@ -3,7 +3,9 @@ updated memory. Pure: no I/O, no clock, no globals; the loop reads the kernel, c
 through the one cgroup writer, and logs one line per action (`Action.log_extra()`).
 
 While pressure is active (level > NONE), victims (victims.py) are, per decision:
-1. throttled: memory.high lowered toward usage plus a slack, by bounded steps, never below usage;
+1. throttled: memory.high lowered toward usage plus a slack, by bounded steps, never below usage; the first victim
+   toward usage plus the room the domain still has above the throttle reserve (less what is claimed), so that
+   the bursts of calls of one tier take turns instead of all stalling at once;
 2. frozen: the first victim not frozen when the projected headroom is below the freeze reserve, or when a
    higher-priority session still stalls after the victim's throttle grace; any victim throttled for
    max_throttle_seconds while pressure is still active (escalation is bounded in time);
@@ -124,16 +126,18 @@ def _escalate(ctx: _Context) -> list[Action]:
     kill = _kill_step(ctx, victims)
     freeze = _freeze_victim(ctx, victims, exclude=kill.call_id if kill else None)
     actions: list[Action] = []
+    room = _room_above_throttle(ctx)
     for call in victims:
         if len(actions) >= ctx.config.max_actions_per_tick:
             break
-        action = _step(ctx, call, kill, freeze)
+        action = _step(ctx, call, kill, freeze, room)
+        room = 0  # the room goes to the first victim: simultaneous bursts take turns instead of all stalling
         if action is not None and (action.kind is ActionKind.KILL or _within_bound(ctx, call)):
             actions.append(action)
     return actions
 
 
-def _step(ctx: _Context, call: CallView, kill: Action | None, freeze: Action | None) -> Action | None:
+def _step(ctx: _Context, call: CallView, kill: Action | None, freeze: Action | None, room: int) -> Action | None:
     """This decision's one action on a victim: the highest rung that applies to it."""
     if kill is not None and kill.call_id == call.id:
         return kill
@@ -142,7 +146,7 @@ def _step(ctx: _Context, call: CallView, kill: Action | None, freeze: Action | N
     timed = _timed_freeze(ctx, call)
     if timed is not None:
         return timed
-    return None if ctx.frozen(call) else _throttle(ctx, call)
+    return None if ctx.frozen(call) else _throttle(ctx, call, room)
 
 
 def _kill_step(ctx: _Context, victims: list[CallView]) -> Action | None:
@@ -258,9 +262,19 @@ def _effective_high(ctx: _Context, call: CallView) -> int:
     return min(value for value in bounds if value > 0)
 
 
-def _throttle(ctx: _Context, call: CallView) -> Action | None:
+def _room_above_throttle(ctx: _Context) -> int:
+    """What the domain has above the throttle reserve, less what is claimed: the first victim may still grow into
+    it (the throttle holds the domain at the reserve, not the call at its usage). 0 while a stall or the
+    domain's limit is the pressure: then the victims are held at their usage."""
+    a = ctx.assessment
+    if (a.stall_pct is not None and a.stall_pct >= ctx.config.pressure_stall_pct) or ctx.domain.events.limit_hit:
+        return 0
+    return max(a.free - a.reserves["throttle"], 0)
+
+
+def _throttle(ctx: _Context, call: CallView, room: int = 0) -> Action | None:
     current = _effective_high(ctx, call)
-    target = throttle_target(call, ctx.config)
+    target = max(throttle_target(call, ctx.config), call.usage + room)
     if current <= target:
         return None
     new = max(target, int(current * (1.0 - ctx.config.throttle_step_ratio)))

@@ -84,26 +84,26 @@ class PolicyConfig:
         "bool", "keep free what calls more important than the victims declared (expected_memory_bytes) and have not "
         "reached yet: the lower tier is throttled before it takes memory the higher one said it will need"))
     # ----- reserves (headroom thresholds): max(ratio x limit, floor) -----
-    throttle_reserve_ratio: float = field(default=0.10, metadata=_key(
+    throttle_reserve_ratio: float = field(default=0.05, metadata=_key(
         "float", "headroom below this share of the limit is pressure: throttle", 0.0, 0.9))
-    throttle_reserve_min: int = field(default=128 * MIB, metadata=_key(
+    throttle_reserve_min: int = field(default=64 * MIB, metadata=_key(
         "size", "floor of the throttle reserve"))
-    freeze_reserve_ratio: float = field(default=0.05, metadata=_key(
+    freeze_reserve_ratio: float = field(default=0.03, metadata=_key(
         "float", "headroom below this share of the limit freezes victims", 0.0, 0.9))
-    freeze_reserve_min: int = field(default=64 * MIB, metadata=_key(
+    freeze_reserve_min: int = field(default=40 * MIB, metadata=_key(
         "size", "floor of the freeze reserve"))
-    kill_reserve_ratio: float = field(default=0.02, metadata=_key(
+    kill_reserve_ratio: float = field(default=0.015, metadata=_key(
         "float", "last-resort reserve: headroom below it means an OOM is imminent; the ladder kills", 0.0, 0.9))
-    kill_reserve_min: int = field(default=32 * MIB, metadata=_key(
+    kill_reserve_min: int = field(default=24 * MIB, metadata=_key(
         "size", "floor of the last-resort reserve"))
     emergency_reserve_ratio: float = field(default=0.01, metadata=_key(
         "float", "below this the victim is killed without being frozen first", 0.0, 0.9))
     emergency_reserve_min: int = field(default=16 * MIB, metadata=_key(
         "size", "floor of the emergency reserve"))
-    recover_reserve_ratio: float = field(default=0.15, metadata=_key(
+    recover_reserve_ratio: float = field(default=0.08, metadata=_key(
         "float", "headroom above this share of the limit (and low stall) for the dwell time starts recovery",
         0.0, 0.95))
-    recover_reserve_min: int = field(default=192 * MIB, metadata=_key(
+    recover_reserve_min: int = field(default=96 * MIB, metadata=_key(
         "size", "floor of the recover reserve"))
     # ----- escalation in time -----
     freeze_grace_seconds: float = field(default=0.5, metadata=_key(
@@ -119,9 +119,9 @@ class PolicyConfig:
         "float", "after a kill, wait this long (or until the call is gone) for its memory before killing again",
         0.0, 60.0))
     # ----- recovery -----
-    recover_dwell_seconds: float = field(default=2.0, metadata=_key(
+    recover_dwell_seconds: float = field(default=0.5, metadata=_key(
         "float", "pressure must stay clear this long before anything is thawed or restored", 0.0, 600.0))
-    recover_step_seconds: float = field(default=0.25, metadata=_key(
+    recover_step_seconds: float = field(default=0.1, metadata=_key(
         "float", "at most one recovery step (a thaw, or one memory.high raise) per this interval", 0.0, 60.0))
     restore_step_ratio: float = field(default=0.5, metadata=_key(
         "float", "a restore step raises memory.high by at most this share of its current value", 0.01, 100.0))

@@ -28,7 +28,7 @@ from agentd.client import Client
 
 pytestmark = pytest.mark.guest
 MIB = 1 << 20
-LIMIT = 512 * MIB  # sessions/ memory.max: reserves throttle 64 MiB, freeze 32, kill 16, emergency 8, recover 96
+LIMIT = 512 * MIB  # sessions/ memory.max: reserves throttle 32 MiB, freeze 20, kill 12, emergency 8, recover 48
 OWN = 432  # MiB the LOW call declares (its own memory.high): it fits the empty domain, and it never reaches it
 TIMEOUT = 240.0  # generous: Python under TCG is ~10x slower
 
@@ -294,6 +294,43 @@ def test_the_ladder_kills_the_low_call_only_as_a_last_resort(
     assert "yielded to higher-priority sessions" in low_result.feedback and "MiB" in low_result.feedback
     assert "declared 256 MiB" in low_result.feedback
     assert high_result.outcome == pb.OUTCOME_OK and list(high_result.policy_actions) == []
+
+
+def test_a_low_call_is_held_out_of_memory_a_high_call_declared_and_not_used_yet(
+    pdaemon: Daemon, pair: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """reserve_declared: the HIGH call declared 288 MiB and uses 16; the LOW call grows toward 320 MiB, which
+    the domain could hold on its own but not together with what HIGH said it will need. The LOW call is throttled
+    (only throttled: a claim never freezes or kills) with the domain far from its limit; once HIGH ends, the LOW
+    call gets its limit back and completes."""
+    high, low, _ = pair
+    with pdaemon.admin() as admin:
+        hi_call = begin(admin, pdaemon, high, 288)
+        hi = start(admin, pdaemon, high, hi_call, tmp_path, 16)
+        wait_for(lambda: hi.allocated() >= 16, timeout=TIMEOUT)
+        low_call = begin(admin, pdaemon, low, OWN)
+        lo = start(admin, pdaemon, low, low_call, tmp_path, 320, chunk=8)
+        try:
+            wait_for(lambda: bool(log_actions(pdaemon, low_call.call_id)), timeout=TIMEOUT)
+            first = log_actions(pdaemon, low_call.call_id)[0]
+            held_at = lo.allocated()
+            time.sleep(3)
+            assert lo.allocated() < 320 and lo.knob("cgroup.freeze") == "0"
+            hi.let_go()
+            assert hi.result().outcome == pb.OUTCOME_OK
+            wait_for(lambda: lo.allocated() >= 320, timeout=TIMEOUT)
+            lo.let_go()
+            low_result = lo.result()
+        finally:
+            hi.let_go()
+            lo.let_go()
+    assert first["action"] == "throttle" and "declared by higher-priority calls" in first["reason"], first
+    assert first["headroom"] > first["throttle_reserve"] + 64 * MIB, first  # physically, room to spare
+    assert first["claimed"] > 128 * MIB, first
+    assert held_at < 320
+    assert low_result.outcome == pb.OUTCOME_OK, low_result.feedback
+    assert set(low_result.policy_actions) <= {"throttle", "restore"}, list(low_result.policy_actions)
+    assert list(low_result.policy_actions)[-1] == "restore"
 
 
 def test_no_flapping_under_a_steady_load(pdaemon: Daemon, pair: tuple[str, str, str], tmp_path: Path) -> None:
