@@ -305,10 +305,9 @@ def test_a_low_call_is_held_out_of_memory_a_high_call_declared_and_not_used_yet(
     call gets its limit back and completes."""
     high, low, _ = pair
     with pdaemon.admin() as admin:
-        hi_call = begin(admin, pdaemon, high, 288)
-        hi = start(admin, pdaemon, high, hi_call, tmp_path, 16)
+        low_call = begin(admin, pdaemon, low, OWN)  # admitted into the empty domain, then HIGH comes
+        hi = start(admin, pdaemon, high, begin(admin, pdaemon, high, 288), tmp_path, 16)
         wait_for(lambda: hi.allocated() >= 16, timeout=TIMEOUT)
-        low_call = begin(admin, pdaemon, low, OWN)
         lo = start(admin, pdaemon, low, low_call, tmp_path, 320, chunk=8)
         try:
             wait_for(lambda: bool(log_actions(pdaemon, low_call.call_id)), timeout=TIMEOUT)
@@ -402,9 +401,9 @@ def test_admission_queues_refuses_and_admits_by_priority(
         normal, _ = create_session(admin, priority=pb.PRIORITY_NORMAL)
         low, _ = create_session(admin, priority=pb.PRIORITY_LOW)
         watch = Watch(admin.watch_policy())
-        hold = start(admin, d, high, begin(admin, d, high, 256), tmp_path, 256, chunk=64, pause=0)
+        hold = start(admin, d, high, begin(admin, d, high, 320), tmp_path, 288, chunk=32, pause=0)
         try:
-            wait_for(lambda: hold.allocated() >= 256, timeout=TIMEOUT)
+            wait_for(lambda: hold.allocated() >= 288, timeout=TIMEOUT)
             t0 = time.monotonic()
             queued = rpc_error(begin, admin, d, normal, 200)
             waited = time.monotonic() - t0
@@ -458,7 +457,7 @@ def test_a_run_queued_by_admission_longer_than_a_hold_lives_still_starts(
     with d.admin() as admin:
         high, _ = create_session(admin, priority=pb.PRIORITY_HIGH)
         normal, _ = create_session(admin, priority=pb.PRIORITY_NORMAL)
-        hold = start(admin, d, high, begin(admin, d, high, 256), tmp_path, 256, chunk=64, pause=0)
+        hold = start(admin, d, high, begin(admin, d, high, 320), tmp_path, 288, chunk=32, pause=0)
 
         def run() -> None:
             with Client(str(d.admin_socket), timeout=TIMEOUT) as client:
@@ -469,7 +468,7 @@ def test_a_run_queued_by_admission_longer_than_a_hold_lives_still_starts(
 
         runner = threading.Thread(target=run)
         try:
-            wait_for(lambda: hold.allocated() >= 256, timeout=TIMEOUT)
+            wait_for(lambda: hold.allocated() >= 288, timeout=TIMEOUT)
             runner.start()
             time.sleep(HOLD_WAIT_SECONDS + 3)
             queued = runner.is_alive()
