@@ -136,7 +136,11 @@ class Daemon:
         return self.cgroup_root / "sessions" / session_id
 
     def records_lines(self) -> list[str]:
-        return self.records.read_text().splitlines() if self.records.exists() else []
+        """The complete lines of the records file: agentd may be in the middle of writing the last one (a test
+        that parsed the half-written line failed now and then under load)."""
+        if not self.records.exists():
+            return []
+        return self.records.read_text().split("\n")[:-1]
 
     def record(self, call_id: str) -> dict[str, Any]:
         """A finished call's record, once its line is written (a few milliseconds after the result)."""

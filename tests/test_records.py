@@ -16,6 +16,7 @@ from damage import damaged, json_values, places
 from history import session_of, write_history
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import Daemon
 
 from agentd.api import convert
 from agentd.core import records
@@ -236,3 +237,15 @@ def test_rotation_leaves_the_flush_to_the_syncer(tmp_path: Path) -> None:
         assert store.get("rotates") == result("rotates")
     finally:
         store.close()
+
+
+def test_the_test_reader_takes_only_complete_lines_while_agentd_writes_one(tmp_path: Path) -> None:
+    """tests/support.py's reader of the records file (found flaky: a JSON decode error on the line agentd was
+    still writing): a line counts once its newline is there."""
+    daemon = Daemon(tmp_path)
+    daemon.records.parent.mkdir(parents=True)
+    daemon.records.write_text('{"call_id": "a"}\n{"call_id": "b", "sess')
+    assert daemon.records_lines() == ['{"call_id": "a"}']
+    with daemon.records.open("a") as f:
+        f.write('ion_id": "s"}\n')
+    assert [json.loads(line)["call_id"] for line in daemon.records_lines()] == ["a", "b"]
