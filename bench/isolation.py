@@ -32,7 +32,12 @@ agentd configuration that ran (policy-on, else policy-off, else static, else non
 high_survive counts every run of every setup and limit; the ratios take the worse of setup A's two limits.
 
     python3 bench/isolation.py [--setup A,B] [--configs none,static,agentd-policy-off,agentd-policy-on]
-        [--runs 1] [--speedup 10] [--traces DIR] [--out DIR]
+        [--runs 1] [--speedup 10] [--traces DIR] [--out DIR] [--limits 1100,...]
+        [--variant NAME:key=value,...]... [--summarize RESULTS_JSON]
+
+--variant adds a configuration agentd-policy-on-NAME with those [policy] values, interleaved with the others:
+a tuning is compared within one run (e.g. `--limits 1100 --configs agentd-policy-on --variant
+slow:recover_dwell_seconds=2.0`).
 """
 
 from __future__ import annotations

@@ -281,3 +281,20 @@ def test_the_tables_come_back_from_results_json(tmp_path: Path, capsys: pytest.C
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("all_survive_1100=1/2 high_survive=2/2 high_ratio=1.10 high_p95_ratio=2.00")
     assert "low_ratio=1.50" in last
+
+
+def test_a_variant_is_a_policy_on_configuration_with_its_values_and_its_name() -> None:
+    import isolation
+
+    name = isolation.add_variant("slow:recover_dwell_seconds=2.0,throttle_reserve_min=134217728,enabled=true")
+    try:
+        assert name == "agentd-policy-on-slow"
+        iso = isolation.CONFIGURATIONS[name]
+        assert iso.agentd and iso.overrides(True) == {"policy": {
+            "enabled": True, "recover_dwell_seconds": 2.0, "throttle_reserve_min": 134217728}}
+        assert iso.overrides(False) is None  # an agentd without [policy] cannot run it
+    finally:
+        isolation.CONFIGURATIONS.pop(name, None)
+    for wrong in ("slow", "slow:", ":a=1", "slow:a"):
+        with pytest.raises(ValueError):
+            isolation.add_variant(wrong)
