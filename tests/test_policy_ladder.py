@@ -718,6 +718,23 @@ def test_admission_counts_what_running_calls_declared_but_have_not_used() -> Non
     assert queued.log_extra()["available"] == 272 * M
 
 
+def test_admission_and_the_ladder_agree_on_what_is_still_owed() -> None:
+    """A call that has reached its declaration once (memory.peak) owes nothing more, to admission as to the
+    ladder's claim (setup B: a 1.9 GB LOW Begin was refused three times while a HIGH call far past its peak still
+    "owed" its whole declaration by its usage)."""
+    peaked = [call("high", HIGH, 100 * M, 500 * M)]
+    peaked = [replace(peaked[0], peak=520 * M)]
+    state = domain(300 * M, peaked)
+    late = admit(request(LOW, 600 * M), state, peaked, CONFIG, 0.0)
+    assert late.verdict is Verdict.ADMIT and late.outstanding == 0 == peaked[0].unclaimed
+    assert decide(state, peaked + [call("low", LOW, 100 * M)], CONFIG, 0.0, LadderMemory()).assessment.claimed == 0
+    climbing = [replace(peaked[0], peak=300 * M)]  # not there yet: 200 MiB still owed, to both
+    early = admit(request(LOW, 600 * M), state, climbing, CONFIG, 0.0)
+    assert early.verdict is Verdict.QUEUE and early.outstanding == 200 * M
+    assert decide(state, climbing + [call("low", LOW, 100 * M)], CONFIG, 0.0, LadderMemory()).assessment.claimed \
+        == 200 * M
+
+
 def test_admission_keeps_declarations_of_higher_priorities_only_by_default() -> None:
     running = [call("high", HIGH, 100 * M, 500 * M), call("low", LOW, 100 * M, 500 * M)]  # each owes 400 MiB
     state = domain(300 * M, running)  # headroom 800 MiB, minus the 128 MiB reserve: 672 MiB

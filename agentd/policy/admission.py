@@ -70,8 +70,9 @@ def reserved_for(request_priority: int, call_priority: int, config: PolicyConfig
 
 
 def outstanding(calls: Iterable[CallView], priority: int, config: PolicyConfig) -> int:
-    """Memory running calls declared and have not used yet, of those a Begin of `priority` leaves free."""
-    return sum(max(call.expected - call.usage, 0) for call in calls if reserved_for(priority, call.priority, config))
+    """Memory running calls declared and have not reached yet (the ladder's claim: usage or peak so far), of
+    those a Begin of `priority` leaves free."""
+    return sum(call.unclaimed for call in calls if reserved_for(priority, call.priority, config))
 
 
 def admit(
