@@ -727,11 +727,11 @@ def test_admission_and_the_ladder_agree_on_what_is_still_owed() -> None:
     state = domain(300 * M, peaked)
     late = admit(request(LOW, 600 * M), state, peaked, CONFIG, 0.0)
     assert late.verdict is Verdict.ADMIT and late.outstanding == 0 == peaked[0].unclaimed
-    assert decide(state, peaked + [call("low", LOW, 100 * M)], CONFIG, 0.0, LadderMemory()).assessment.claimed == 0
+    assert decide(state, [*peaked, call("low", LOW, 100 * M)], CONFIG, 0.0, LadderMemory()).assessment.claimed == 0
     climbing = [replace(peaked[0], peak=300 * M)]  # not there yet: 200 MiB still owed, to both
     early = admit(request(LOW, 600 * M), state, climbing, CONFIG, 0.0)
     assert early.verdict is Verdict.QUEUE and early.outstanding == 200 * M
-    assert decide(state, climbing + [call("low", LOW, 100 * M)], CONFIG, 0.0, LadderMemory()).assessment.claimed \
+    assert decide(state, [*climbing, call("low", LOW, 100 * M)], CONFIG, 0.0, LadderMemory()).assessment.claimed \
         == 200 * M
 
 
