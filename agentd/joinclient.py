@@ -1,4 +1,4 @@
-"""Client side of the join socket (protocol: agentd/api/join.py): place a process into a tool call, report its
+"""Client side of the join socket (protocol: agentd/api/join/__init__.py): place a process into a tool call, report its
 end and get the result. Used by agentd.client and anything that places processes without gRPC.
 
 `Framed` speaks the framed protocol (BEGIN/END carrying the API's protobuf messages: the fast path of a

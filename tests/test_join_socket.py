@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from agentd.api import join
 from agentd.api.gen import agentd_pb2 as pb
+from agentd.api.join import limits
 from agentd.core.errors import PermissionDenied, ResourceExhausted
 
 
@@ -74,7 +75,7 @@ def descriptors() -> Iterator[dict[str, int]]:
 
 
 def test_idle_connections_are_closed_busy_ones_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(join, "IDLE_TIMEOUT_SECONDS", 0.4)
+    monkeypatch.setattr(limits, "IDLE_TIMEOUT_SECONDS", 0.4)
     path = tmp_path / "join.sock"
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
@@ -126,7 +127,7 @@ def test_connections_beyond_the_cap_are_refused(tmp_path: Path) -> None:
 def test_holds_beyond_the_total_cap_close_their_connection(
     tmp_path: Path, descriptors: dict[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(join, "MAX_HELD", 3)
+    monkeypatch.setattr(limits, "MAX_HELD", 3)
     path = tmp_path / "join.sock"
 
     async def body(loop: asyncio.AbstractEventLoop) -> None:
@@ -318,7 +319,7 @@ def test_holds_are_limited_per_owner_and_one_owner_at_its_quota_leaves_others_al
 ) -> None:
     """Two connections of owner A share its quota of unclaimed HOLDs; the HOLD beyond it closes its connection
     and its BeginToolCall is told at once; owner B holds and places as before."""
-    monkeypatch.setattr(join, "MAX_HELD_PER_OWNER", 3)
+    monkeypatch.setattr(limits, "MAX_HELD_PER_OWNER", 3)
     path = tmp_path / "join.sock"
     owner = {"now": "session:a"}
 
@@ -357,7 +358,7 @@ def test_holds_are_limited_per_owner_and_one_owner_at_its_quota_leaves_others_al
 
 
 def test_connections_are_limited_per_owner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(join, "MAX_CONNECTIONS_PER_OWNER", 2)
+    monkeypatch.setattr(limits, "MAX_CONNECTIONS_PER_OWNER", 2)
     path = tmp_path / "join.sock"
     owner = {"now": "session:a"}
 
@@ -441,7 +442,7 @@ def test_join_refusals_use_the_one_status_table(tmp_path: Path) -> None:
 def test_calls_placed_on_a_connection_are_forgotten_once_ended_and_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(join, "MAX_PLACED_PER_CONNECTION", 8)
+    monkeypatch.setattr(limits, "MAX_PLACED_PER_CONNECTION", 8)
     path = tmp_path / "join.sock"
 
     async def ender(call_id: str, wait_status: int | None) -> pb.ToolCallResult:
