@@ -169,6 +169,7 @@ class RunRecord:
     actions: list[tuple[float, str]] = field(default_factory=list)  # policy actions (seconds, label)
     reactions_ms: list[float] = field(default_factory=list)
     baseline: dict[str, dict[str, float]] = field(default_factory=dict)  # solo numbers of the same round, by trace
+    agentd_cpu: float = math.nan  # agentd's CPU time over the run, in CPUs (seconds of CPU per second)
 
 
 def replay_argv(m: Member, speedup: float, start_at: float, out: Path) -> list[str]:
@@ -385,6 +386,12 @@ class Agentd:
                     found.append(data)
         return found
 
+    def cpu_seconds(self) -> float:
+        """agentd's CPU time so far (user + system), from /proc: what the daemon takes from the replayers."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         try:
             if self.proc is not None and self.proc.poll() is None:
@@ -472,6 +479,7 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
 
     since_unix = time.time()
     t0 = time.monotonic()
+    cpu0 = daemon.cpu_seconds()
     start_at = t0 + START_LEAD_SECONDS
     outcomes = {m.name: Outcome(m) for m in members}
     finished: dict[str, Any] = {}
@@ -523,13 +531,15 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
         out.survived = kind == "OUTCOME_OK" and out.replay is not None
         if not out.survived:
             out.kind = "timeout" if timed_out else kind.replace("\n", " ")
+    cpu = (daemon.cpu_seconds() - cpu0) / (time.monotonic() - t0)
     start_unix = since_unix + START_LEAD_SECONDS
     names = {sid: name for name, sid in ids.items()}
     lines = daemon.log_lines(since_unix)
     # The daemon's story of this run, for what the table can only summarise (a refusal, a kill, a failure).
     (rundir / "agentd.log").write_text("".join(json.dumps(line) + "\n" for line in lines))
     actions, reactions = policy_marks(lines, start_unix, names)
-    return RunRecord(setup, limit, config, index, list(outcomes.values()), timeline, actions, reactions)
+    return RunRecord(setup, limit, config, index, list(outcomes.values()), timeline, actions, reactions,
+                     agentd_cpu=cpu)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -588,6 +598,7 @@ def group_stats(runs: Sequence[RunRecord]) -> dict[str, Any]:
         "high_ratio": median(high_dur), "high_p95_ratio": median(high_p95), "high_p99_ratio": median(high_p99),
         "low_ratio": median(low_dur), "kills": kills,
         "reaction_p50_ms": replay.percentile(reactions, 50), "reaction_p99_ms": replay.percentile(reactions, 99),
+        "agentd_cpu": median([r.agentd_cpu for r in runs if not math.isnan(r.agentd_cpu)]),
     }
 
 
@@ -595,9 +606,14 @@ def fmt(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.2f}"
 
 
+def cpu_pct(cpus: float) -> str:
+    return "-" if math.isnan(cpus) else f"{100 * cpus:.0f}%"
+
+
 def table(rows: Sequence[tuple[str, int, str, dict[str, Any] | str]]) -> list[str]:
     head = (f"{'setup':5} {'limit':>6} {'configuration':18} {'survive':>7} {'sessions':>8} {'HIGH ok':>7} "
-            f"{'HIGH dur':>8} {'HIGH p95':>8} {'HIGH p99':>8} {'LOW dur':>7} {'react p50/p99 ms':>16}  kills")
+            f"{'HIGH dur':>8} {'HIGH p95':>8} {'HIGH p99':>8} {'LOW dur':>7} {'react p50/p99 ms':>16} {'agentd':>6}"
+            "  kills")
     lines = [head, "-" * len(head)]
     for setup, limit, config, st in rows:
         lead = f"{setup:5} {limit // MIB:>5}M {config:18}"
@@ -611,7 +627,7 @@ def table(rows: Sequence[tuple[str, int, str, dict[str, Any] | str]]) -> list[st
             f"{lead} {st['all_survive']:>3}/{st['runs']:<3} {st['survived']:>4}/{st['sessions']:<3} "
             f"{st['high_survived']:>3}/{st['high_runs']:<3} {fmt(st['high_ratio']):>8} {fmt(st['high_p95_ratio']):>8} "
             f"{fmt(st['high_p99_ratio']):>8} {fmt(st['low_ratio']):>7} "
-            f"{fmt(st['reaction_p50_ms']) + '/' + fmt(st['reaction_p99_ms']):>16}  "
+            f"{fmt(st['reaction_p50_ms']) + '/' + fmt(st['reaction_p99_ms']):>16} {cpu_pct(st['agentd_cpu']):>6}  "
             + (", ".join(f"{k} x{n}" for k, n in sorted(kills.items())) or "-"))
     return lines
 
@@ -653,6 +669,7 @@ def timeline_chart(run: RunRecord) -> timeline_png.Chart:
 def record_json(run: RunRecord) -> dict[str, Any]:
     return {"setup": run.setup, "limit": run.limit, "config": run.config, "run": run.index,
             "baseline": run.baseline, "actions": run.actions, "reactions_ms": run.reactions_ms,
+            "agentd_cpu": None if math.isnan(run.agentd_cpu) else run.agentd_cpu,
             "outcomes": [{"member": o.member.name, "role": o.member.role, "trace": o.member.trace.name,
                           "survived": o.survived, "kind": o.kind, "ended": o.ended,
                           "duration": task_duration(o.replay) if o.replay else None,
@@ -749,7 +766,8 @@ def load_records(path: Path) -> list[RunRecord]:
             replayed = None if o["duration"] is None else {"duration": o["duration"], "summary": o["summary"]}
             outcomes.append(Outcome(member, o["survived"], o["kind"], o["ended"], replayed, o.get("retries", 0)))
         records.append(RunRecord(r["setup"], r["limit"], r["config"], r["run"], outcomes, {},
-                                 [tuple(a) for a in r["actions"]], r["reactions_ms"], r["baseline"]))
+                                 [tuple(a) for a in r["actions"]], r["reactions_ms"], r["baseline"],
+                                 r.get("agentd_cpu") or math.nan))
     return records
 
 

@@ -272,13 +272,15 @@ def test_the_tables_come_back_from_results_json(tmp_path: Path, capsys: pytest.C
                 "ended": 1.0, "duration": duration, "summary": summary if duration else None, "retries": 0}
 
     runs = [{"setup": "A", "limit": 1100 << 20, "config": "agentd-policy-on", "run": i, "baseline": base,
-             "actions": [[0.5, "throttle low1"]], "reactions_ms": [40.0 + i],
+             "actions": [[0.5, "throttle low1"]], "reactions_ms": [40.0 + i], "agentd_cpu": 0.04 + 0.02 * i,
              "outcomes": [outcome("high", "HIGH", "dask", 11.0), outcome("low1", "LOW", "github3", 7.5),
                           outcome("low2", "LOW", "github3", None if i else 6.0, "KILLED" if i else "")]}
             for i in range(2)]
     (tmp_path / "results.json").write_text(json.dumps(runs))
     assert isolation.main(["--summarize", str(tmp_path / "results.json")]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert any("agentd-policy-on" in line and " 5%  " in line for line in out)  # agentd's CPU share, median
+    last = out[-1]
     assert last.startswith("all_survive_1100=1/2 high_survive=2/2 high_ratio=1.10 high_p95_ratio=2.00")
     assert "low_ratio=1.50" in last
 

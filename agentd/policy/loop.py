@@ -34,6 +34,7 @@ from agentd.policy.admission import AdmissionRequest, Verdict, admit
 from agentd.policy.events import Hub, PolicyEvent
 from agentd.policy.ladder import decide
 from agentd.policy.model import Action, ActionKind, Assessment, CallView, LadderMemory
+from agentd.policy.reaction import ReactionClock
 from agentd.policy.settings import PolicyConfig, reserve
 from agentd.policy.snapshot import (
     RELEASE_ECHO_SECONDS,
@@ -106,7 +107,7 @@ class PolicyLoop:
     _scheduled: bool = False
     _signal_at: float | None = None  # the earliest pressure signal not yet acted on (monotonic)
     _decided_at: float | None = None  # the previous look at the domains, a decision or the watch's (monotonic)
-    _onset: dict[str, float] = field(default_factory=dict)  # per domain: the signal that began its episode
+    _reactions: ReactionClock = field(default_factory=ReactionClock)
     _decided: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -256,12 +257,12 @@ class PolicyLoop:
         a = decision.assessment
         if a.active and not domain.announced:  # hysteresis: the band between active and clear changes nothing
             domain.announced = True
-            self._onset.setdefault(domain.name, onset)
+            self._reactions.began(domain.name, onset)
             self._publish(_event(a, "pressure", reason=_why(a)))
             log.info("pressure", extra=a.log_extra())
         elif a.clear and domain.announced:
             domain.announced = False
-            self._onset.pop(domain.name, None)  # an episode that needed no action has no reaction time
+            self._reactions.cleared(domain.name)
             self._publish(_event(a, "clear"))
             log.info("pressure clear", extra=a.log_extra())
         others = act.holds({d.name: d.memory for d in self.domains.values()}, domain.name)
@@ -270,7 +271,9 @@ class PolicyLoop:
         held = held_sessions(domain.memory, views)
         self._mute_released(sessions, domain.held - held, now)  # restored: their echo starts now
         domain.held = held
-        ticking = a.active or any(mem.held for mem in domain.memory.calls.values())
+        holding = any(mem.held for mem in domain.memory.calls.values())
+        self._reactions.decided(domain.name, holding)
+        ticking = a.active or holding
         domain.watched = not ticking and bool(views)
         domain.looked = (a.usage, now)
         if ticking:
@@ -278,12 +281,9 @@ class PolicyLoop:
         return WATCH_MAX_SECONDS if sessions else None
 
     def _carry_out(self, domain: Domain, action: Action, others: act.OtherHolds, now: float) -> None:
-        reaction = None
-        if action.kind in ESCALATION:  # the reaction is from the episode's signal to its first escalation
-            onset = self._onset.pop(domain.name, None)
-            reaction = now - onset if onset is not None else None
         if not act.apply(self.engine, action, others, now):
             return
+        reaction = self._reactions.escalated(domain.name, now) if action.kind in ESCALATION else None
         log.info(f"policy {action.kind.value}", extra={
             **action.log_extra(), "reaction_ms": round(reaction * 1000, 3) if reaction is not None else None})
         self._publish(_event(action.assessment, action.kind.value, session_id=action.session_id,
