@@ -340,8 +340,9 @@ def toml_value(value: Any) -> str:
 class Agentd:
     """A real agentd on its own cgroup root, sockets and state, started with the configuration's overrides."""
 
-    def __init__(self, workdir: Path, overrides: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, workdir: Path, overrides: dict[str, dict[str, Any]], profile: Path | None = None) -> None:
         self.workdir = workdir
+        self.profile = profile  # cProfile's statistics of the daemon, written when it stops
         self.cgroup_root = cgroup2_mount().path / f"agentd-bench-{os.getpid()}-agentd"
         self.admin_socket = workdir / "admin.sock"
         self.log = workdir / "agentd.log"
@@ -361,8 +362,9 @@ class Agentd:
 
     def start(self) -> None:
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agentd.daemon", "--config", str(self.config)],
-                                         stdout=log, stderr=log, env=child_env(), cwd=REPO)
+            profiler = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
+            self.proc = subprocess.Popen([sys.executable, *profiler, "-m", "agentd.daemon", "--config",
+                                          str(self.config)], stdout=log, stderr=log, env=child_env(), cwd=REPO)
         deadline = time.monotonic() + DAEMON_START_SECONDS
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -719,6 +721,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                         help="an extra configuration agentd-policy-on-NAME with these [policy] values (sizes in "
                              "bytes), run interleaved with the others: to compare a tuning within one run")
+    parser.add_argument("--profile-daemon", action="store_true", help="run each agentd under cProfile; its "
+                        "statistics in OUT/agentd-<setup>-<configuration>-<round>.prof (where its CPU goes)")
     parser.add_argument("--limits", default=None, help="comma-separated MiB: only these limits (default: the "
                         "setup's own)")
     args = parser.parse_args(argv)
@@ -736,14 +740,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def daemon_for(iso: Isolation, workroot: Path, knows_policy: bool) -> Iterator[Agentd | str]:
+def daemon_for(iso: Isolation, workroot: Path, knows_policy: bool, profile: Path | None = None
+               ) -> Iterator[Agentd | str]:
     """A started agentd for an agentd configuration, or why it cannot run (a string, reported in the table)."""
     overrides = iso.overrides(knows_policy)
     if overrides is None:
         yield "unavailable: this agentd has no [policy] section"
         return
     workdir = Path(tempfile.mkdtemp(prefix=f"{iso.name}-", dir=workroot))
-    daemon = Agentd(workdir, overrides)
+    daemon = Agentd(workdir, overrides, profile)
     try:
         daemon.start()
     except RuntimeError as exc:
@@ -874,7 +879,8 @@ def run_rounds(configs: Sequence[str], setups: Sequence[Setup], args: argparse.N
                 if isinstance(runs.get((s.name, s.limits[0], config)), str):
                     continue
                 with contextlib.ExitStack() as stack:
-                    daemon = stack.enter_context(daemon_for(iso, work, knows_policy)) if iso.agentd else None
+                    profile = out / f"agentd-{s.name}-{config}-{index + 1}.prof" if args.profile_daemon else None
+                    daemon = stack.enter_context(daemon_for(iso, work, knows_policy, profile)) if iso.agentd else None
                     if isinstance(daemon, str):
                         print(f"{s.name} {config}: {daemon}", flush=True)
                         runs.update({(s.name, limit, config): daemon for limit in s.limits})

@@ -47,6 +47,72 @@ def read_text(path: str | Path) -> str | None:
         os.close(fd)
 
 
+@dataclass(eq=False)
+class KeptFiles:
+    """Cgroup files re-read many times a second (the policy loop's), kept open: a re-read is one pread at offset 0,
+    which makes the kernel render the file afresh, instead of open + read + close (the open is most of the cost).
+
+    An open file pins its cgroup: a removed cgroup lingers as a dying one while a file of it is open. So the owner
+    sweeps: sweep() closes every file not read since the previous sweep. With keep=False nothing is kept open
+    (plain read_text), for readers without a sweep of their own."""
+
+    keep: bool = True
+    _fds: dict[str, int] = field(default_factory=dict)
+    _read: set[str] = field(default_factory=set)
+
+    def read(self, cgroup: str | Path, name: str) -> str | None:
+        """<cgroup>/<name>, or None if it does not exist (or its cgroup was removed)."""
+        path = f"{cgroup}/{name}"
+        if not self.keep:
+            return read_text(path)
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return None
+            self._fds[path] = fd
+        self._read.add(path)
+        try:
+            return os.pread(fd, 65536, 0).decode()
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:  # ENODEV: the cgroup was removed under the open file
+                raise
+            self._close(path)
+            return None
+
+    def read_int(self, cgroup: str | Path, name: str) -> int:
+        """A single-number file ("max" and absence read as -1)."""
+        text = self.read(cgroup, name)
+        if text is None:
+            return -1
+        text = text.strip()
+        return -1 if text == "max" else int(text)
+
+    def sweep(self) -> None:
+        for path in set(self._fds) - self._read:
+            self._close(path)
+        self._read.clear()
+
+    def close(self) -> None:
+        for path in list(self._fds):
+            self._close(path)
+        self._read.clear()
+
+    @property
+    def open_count(self) -> int:
+        return len(self._fds)
+
+    def _close(self, path: str) -> None:
+        fd = self._fds.pop(path, None)
+        self._read.discard(path)
+        if fd is not None:
+            os.close(fd)
+
+
+UNKEPT = KeptFiles(keep=False)
+
+
 def parse_flat_keyed(text: str | None) -> dict[str, int]:
     """Parse 'key value' lines (memory.events, cpu.stat, cgroup.events)."""
     out: dict[str, int] = {}
@@ -56,14 +122,6 @@ def parse_flat_keyed(text: str | None) -> dict[str, int]:
             with contextlib.suppress(ValueError):
                 out[key] = int(value)
     return out
-
-
-def _read_int(path: str) -> int:
-    text = read_text(path)
-    if text is None:
-        return -1
-    text = text.strip()
-    return -1 if text == "max" else int(text)
 
 
 def write_file(path: str | Path, value: str) -> None:
@@ -224,23 +282,23 @@ def read_stats(path: Path, controllers: Collection[str]) -> CgroupStats:
     cpu = parse_flat_keyed(read_text(f"{path}/cpu.stat"))
     memory = "memory" in controllers
     return CgroupStats(
-        memory_peak=_read_int(f"{path}/memory.peak") if memory else -1,
+        memory_peak=UNKEPT.read_int(path, "memory.peak") if memory else -1,
         memory_events=parse_flat_keyed(read_text(f"{path}/memory.events")) if memory else {},
         cpu_usage_usec=cpu.get("usage_usec", 0),
         cpu_user_usec=cpu.get("user_usec", 0),
         cpu_system_usec=cpu.get("system_usec", 0),
         cpu_throttled_usec=cpu.get("throttled_usec", 0),
-        pids_peak=_read_int(f"{path}/pids.peak") if "pids" in controllers else -1,
+        pids_peak=UNKEPT.read_int(path, "pids.peak") if "pids" in controllers else -1,
     )
 
 
-def memory_current(path: Path) -> int:
-    return _read_int(f"{path}/memory.current")
+def memory_current(path: Path, files: KeptFiles = UNKEPT) -> int:
+    return files.read_int(path, "memory.current")
 
 
-def memory_peak(path: Path) -> int:
+def memory_peak(path: Path, files: KeptFiles = UNKEPT) -> int:
     """The cgroup's highest usage since it was made (-1: unreadable, e.g. a kernel before 5.19)."""
-    return _read_int(f"{path}/memory.peak")
+    return files.read_int(path, "memory.peak")
 
 
 def cgroup_of_pid(mount: Path, pid: int) -> Path | None:

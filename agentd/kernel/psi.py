@@ -47,12 +47,15 @@ def triggers_supported(cgroup: Path) -> bool:
     return True
 
 
-def some_stall_us(cgroup: Path, resource: str = "memory") -> int | None:
+def some_stall_us(cgroup: Path, resource: str = "memory", files: cgroupfs.KeptFiles = cgroupfs.UNKEPT
+                  ) -> int | None:
     """The cumulative 'some' stall (µs) of <cgroup>/<resource>.pressure; None without PSI (file absent, or PSI off:
     the kernel then reports zeros, which the caller cannot tell from no stall, hence the capability probe)."""
     try:
-        text = (cgroup / f"{resource}.pressure").read_text()
+        text = files.read(cgroup, f"{resource}.pressure")
     except OSError:
+        return None
+    if text is None:
         return None
     for line in text.splitlines():
         kind, *fields = line.split()

@@ -97,10 +97,13 @@ class PolicyLoop:
     hub: Hub = field(default_factory=Hub)
     on_action: list[ActionListener] = field(default_factory=list)
     domains: dict[str, Domain] = field(default_factory=dict)
+    # The files each decision and look re-reads, kept open (swept after each decision): an open costs more than
+    # the read, and under the emulator the loop's reads were most of agentd's CPU during an episode.
+    _files: cgroupfs.KeptFiles = field(default_factory=cgroupfs.KeptFiles)
     _stall: StallMeter = field(init=False)
-    _events: EventsMeter = field(default_factory=EventsMeter)
-    _own_limits: EventsMeter = field(default_factory=lambda: EventsMeter("memory.events"))
-    _at_high: HighMeter = field(default_factory=HighMeter)
+    _events: EventsMeter = field(init=False)
+    _own_limits: EventsMeter = field(init=False)
+    _at_high: HighMeter = field(init=False)
     _session_triggers: dict[str, int] = field(default_factory=dict)  # PSI trigger fds of sessions
     _tick: asyncio.TimerHandle | None = None
     _watch: asyncio.TimerHandle | None = None
@@ -111,7 +114,10 @@ class PolicyLoop:
     _decided: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        self._stall = StallMeter(self.engine.caps.psi_triggers)
+        self._stall = StallMeter(self.engine.caps.psi_triggers, self._files)
+        self._events = EventsMeter(files=self._files)
+        self._own_limits = EventsMeter("memory.events", self._files)
+        self._at_high = HighMeter(self._files)
 
     @property
     def signals(self) -> str:
@@ -213,6 +219,7 @@ class PolicyLoop:
             except Exception:  # one domain's trouble must not stop the others' protection
                 log.exception("policy decision failed", extra={"domain": domain.name})
                 delays.append(self.config.tick_seconds)
+        self._files.sweep()
         self._decided.set()
         self._decided = asyncio.Event()
         due = [delay for delay in delays if delay is not None]
@@ -231,7 +238,7 @@ class PolicyLoop:
         for domain in self.domains.values():
             if not domain.watched or domain.last is None:
                 continue
-            usage = max(cgroupfs.memory_current(domain.path), 0)
+            usage = max(cgroupfs.memory_current(domain.path, self._files), 0)
             previous, domain.looked = domain.looked, (usage, now)
             if watch_trips(domain.last, usage, previous, now, self.config):
                 log.debug("policy watch", extra={"domain": domain.name, "usage": usage})
@@ -246,12 +253,12 @@ class PolicyLoop:
         None when it has none."""
         sessions = self._sessions_of(domain)
         if domain.session is None:  # anyone may change a memory.max above sessions/ (an operator, MemoryMax=)
-            domain.limit = limit_above(domain.path, self.engine.tree.mount, self.config.host_reserve)
+            domain.limit = limit_above(domain.path, self.engine.tree.mount, self.config.host_reserve, self._files)
         views = self._views(sessions, domain, now)
         # Held calls that ended or were killed since the previous decision: their sessions' echo starts now.
         self._mute_released(sessions, domain.held - held_sessions(domain.memory, views), now)
         state = domain_state(domain.name, domain.path, domain.limit, sessions, self._stall, self._events, now,
-                             self._own_limits)
+                             self._own_limits, self._files)
         decision = decide(state, views, self.config, now, domain.memory)
         domain.memory, domain.last = decision.memory, decision.assessment
         a = decision.assessment
@@ -313,7 +320,7 @@ class PolicyLoop:
         for session in sessions:
             for call in list(session.calls.values()):
                 meter = self._at_high if now is not None and call.id in held else None
-                view = call_view(call, session, self.engine.config, meter, now or 0.0)
+                view = call_view(call, session, self.engine.config, meter, now or 0.0, self._files)
                 if view is not None:
                     views.append(view)
         if now is not None:
@@ -416,6 +423,7 @@ class PolicyLoop:
             self.engine.watcher.unwatch(fd)
         self.domains.clear()
         self._session_triggers.clear()
+        self._files.close()
 
 
 ESCALATION = (ActionKind.THROTTLE, ActionKind.FREEZE, ActionKind.KILL)

@@ -34,6 +34,7 @@ class StallMeter:
     time: a cgroup in two domains gets the same value)."""
 
     enabled: bool
+    files: cgroupfs.KeptFiles = cgroupfs.UNKEPT
     _last: dict[Path, tuple[float, int, float]] = field(default_factory=dict)  # time, total µs, pct
     _muted: dict[Path, float] = field(default_factory=dict)  # until when a cgroup's stall is not reported
 
@@ -43,7 +44,7 @@ class StallMeter:
         last = self._last.get(path)
         if last is not None and last[0] == now:
             return None if self._is_muted(path, now) else last[2]
-        total = psi.some_stall_us(path)
+        total = psi.some_stall_us(path, files=self.files)
         if total is None:
             return None
         pct = 0.0 if last is None or now <= last[0] else min(100.0, (total - last[1]) / ((now - last[0]) * 1e4))
@@ -77,10 +78,11 @@ class EventsMeter:
     own: a call at its own memory.high is no pressure on the domain) or `memory.events` (a session and its calls)."""
 
     file: str = "memory.events.local"
+    files: cgroupfs.KeptFiles = cgroupfs.UNKEPT
     _last: dict[Path, dict[str, int]] = field(default_factory=dict)
 
     def read(self, path: Path) -> MemoryEvents:
-        now = cgroupfs.parse_flat_keyed(cgroupfs.read_text(path / self.file))
+        now = cgroupfs.parse_flat_keyed(self.files.read(path, self.file))
         last = self._last.get(path, now)
         self._last[path] = now
 
@@ -102,10 +104,11 @@ class HighMeter:
     """When each call the ladder holds last hit its memory.high. Unlike EventsMeter's rise since the previous
     reading, the answer does not depend on who read last (admission and every domain build views)."""
 
+    files: cgroupfs.KeptFiles = cgroupfs.UNKEPT
     _last: dict[str, tuple[int, float | None]] = field(default_factory=dict)
 
     def at_high(self, call: ToolCall, now: float) -> bool:
-        count = cgroupfs.parse_flat_keyed(cgroupfs.read_text(call.path / "memory.events")).get("high", 0)
+        count = cgroupfs.parse_flat_keyed(self.files.read(call.path, "memory.events")).get("high", 0)
         last_count, last_rise = self._last.get(call.id, (count, None))
         if count > last_count:
             last_rise = now
@@ -117,13 +120,13 @@ class HighMeter:
             del self._last[call_id]
 
 
-def limit_above(path: Path, mount: Path, host_reserve: int) -> int:
+def limit_above(path: Path, mount: Path, host_reserve: int, files: cgroupfs.KeptFiles = cgroupfs.UNKEPT) -> int:
     """The memory a cgroup can have: the smallest memory.max on it or above it inside the mount, or physical memory
     minus the host's reserve."""
     limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - host_reserve
     here = path
     while here.is_relative_to(mount) and here != mount:
-        text = cgroupfs.read_text(here / "memory.max")
+        text = files.read(here, "memory.max")
         if text is not None and text.strip() != "max":
             limit = min(limit, int(text))
         here = here.parent
@@ -131,12 +134,12 @@ def limit_above(path: Path, mount: Path, host_reserve: int) -> int:
 
 
 def call_view(call: ToolCall, session: Session, config: Config, high_meter: HighMeter | None = None,
-              now: float = 0.0) -> CallView | None:
+              now: float = 0.0, files: cgroupfs.KeptFiles = cgroupfs.UNKEPT) -> CallView | None:
     """A running call as the ladder sees it; None if it is not running (pending, finished) or gone. With a
     meter, whether it hit its memory.high lately."""
     if call.state not in (CallState.RUNNING, CallState.FROZEN):
         return None
-    usage = cgroupfs.memory_current(call.path)
+    usage = cgroupfs.memory_current(call.path, files)
     if usage < 0:
         return None
     intent = call.intent
@@ -148,15 +151,15 @@ def call_view(call: ToolCall, session: Session, config: Config, high_meter: High
         expected=intent.expected_memory_bytes or class_bytes(intent.memory_class, config),
         memory_high=call.limits.memory_high,
         memory_max=call.limits.memory_max,
-        frozen=(cgroupfs.read_text(call.path / "cgroup.freeze") or "0").strip() == "1",
+        frozen=(files.read(call.path, "cgroup.freeze") or "0").strip() == "1",
         at_high=high_meter.at_high(call, now) if high_meter is not None else False,
-        peak=max(cgroupfs.memory_peak(call.path), 0),
+        peak=max(cgroupfs.memory_peak(call.path, files), 0),
     )
 
 
 def domain_state(
     name: str, path: Path, limit: int, sessions: list[Session], stall: StallMeter, events: EventsMeter, now: float,
-    own_limits: EventsMeter | None = None,
+    own_limits: EventsMeter | None = None, files: cgroupfs.KeptFiles = cgroupfs.UNKEPT,
 ) -> DomainState:
     """The domain now. With `own_limits` (a meter of memory.events), a session whose calls hit their own
     memory.high since the previous reading stalls by its own limits, not from contention: its stall is muted for
@@ -170,7 +173,7 @@ def domain_state(
     return DomainState(
         name=name,
         limit=limit,
-        usage=max(cgroupfs.memory_current(path), 0),
+        usage=max(cgroupfs.memory_current(path, files), 0),
         stall_pct=stall.read(path, now),
         sessions=tuple(SessionPressure(s.id, s.spec.priority or Priority.NORMAL, stall.read(s.path, now))
                        for s in sessions),
