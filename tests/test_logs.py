@@ -3,10 +3,16 @@ with the numbers that drove it (real daemon, its JSON log lines)."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
 from support import Daemon, create_session, wait_for
+
+from agentd import logs
+from agentd.core.results import Outcome
 
 
 def lines(daemon: Daemon) -> list[dict[str, Any]]:
@@ -39,3 +45,29 @@ def test_the_journal_tells_a_calls_story(daemon: Daemon) -> None:
     finished = next(line for line in story if line["msg"] == "call finished")
     assert (finished["outcome"], finished["exit_code"]) == ("FAILED", 3)
     assert finished["duration_s"] >= 0 and "memory_peak" in finished
+
+
+def test_a_line_holds_its_fields_as_json_values() -> None:
+    """The formatter's fast path keeps what a line shows: plain values as they are (an IntEnum as its number),
+    anything else as its str(), the exception's traceback."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("agentd.test_logs")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("a %s line", "formatted", extra={"path": Path("/a/b"), "outcome": Outcome.OOM_KILLED,
+                                                       "none": None, "map": {"k": [1, 2]}, "ok": True})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed", extra={"call": "c1"})
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first.pop("ts") > 0 and second.pop("ts") > 0
+    assert first == {"level": "warning", "logger": "agentd.test_logs", "msg": "a formatted line", "path": "/a/b",
+                     "outcome": int(Outcome.OOM_KILLED), "none": None, "map": {"k": [1, 2]}, "ok": True}
+    assert second["call"] == "c1" and "ValueError: boom" in second.pop("exc")
+    assert second == {"level": "error", "logger": "agentd.test_logs", "msg": "failed", "call": "c1"}

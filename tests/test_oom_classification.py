@@ -8,9 +8,12 @@ victim is counted twice in `oom_kill` (once chosen, once in the group kill), so 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from agentd.core.intents import Limits
+from agentd.core.intents import Intent, Limits
+from agentd.core.reap import build_result
 from agentd.core.results import (
     AncestorOoms,
     ExitStatus,
@@ -24,6 +27,7 @@ from agentd.core.results import (
     processes_oom_killed,
     retryable,
 )
+from agentd.core.toolcalls import CallState, ToolCall
 from agentd.kernel.cgroupfs import CgroupStats
 
 MIB = 1 << 20
@@ -118,3 +122,23 @@ def test_result_keeps_scope_and_count_through_json() -> None:
         Result.from_json({**data, "oom_killed_processes": -1})
     old = {k: v for k, v in data.items() if k not in ("oom_scope", "oom_killed_processes")}
     assert Result.from_json(old).oom_scope == OomScope.NONE  # records written before these fields
+
+
+def test_ancestors_are_asked_only_for_a_call_oom_killed_from_above() -> None:
+    """Reading the ancestors' OOM counts and limits costs file reads per call: only a call OOM-killed without an
+    OOM at its own limit needs them (to name whose limit it was)."""
+    call = ToolCall(id="c", session_id="s", intent=Intent(tool="t"), limits=LIMITS, path=Path("/nonexistent/tc-c"),
+                    cgroup_id=1, created=0.0, report_exit=False, confined=False)
+    call.state, call.started = CallState.RUNNING, 1.0
+    asked: list[str] = []
+
+    def witness() -> AncestorOoms:
+        asked.append(call.id)
+        return AncestorOoms(session=1, sessions=0, session_limit=512 * MIB, sessions_limit=-1)
+
+    plain = build_result(call, stats({}), True, 0, 0, 2.0, witness)
+    own = build_result(call, stats(OWN_LIMIT), True, 0, 0, 2.0, witness)
+    assert (plain.oom_scope, own.oom_scope, asked) == (OomScope.NONE, OomScope.CALL, [])
+    above = build_result(call, stats(ANCESTOR_KILL), True, 0, 0, 2.0, witness)
+    assert (above.outcome, above.oom_scope, asked) == (Outcome.OOM_KILLED, OomScope.SESSION, ["c"])
+    assert "budget of 512 MiB" in above.feedback

@@ -46,6 +46,8 @@ def test_owner_is_the_session_holding_the_process_else_its_uid(tree: Tree) -> No
         for sleeper, (place, owner) in zip(sleepers, places.items(), strict=True):
             wait_for(functools.partial(_in, sleeper.pid, tree.root / place))  # the shell moves itself first
             assert owner_of(tree, sleeper.pid, 1234) == owner, place
+            assert cgroupfs.cgroup_path_of_pid(str(tree.mount), sleeper.pid) == str(tree.root / place)
+            assert cgroupfs.cgroup_of_pid(tree.mount, sleeper.pid) == tree.root / place
         with subprocess.Popen(["sleep", "100"]) as outside:  # not in agentd's tree at all
             assert owner_of(tree, outside.pid, 1234) == "uid:1234"
             outside.kill()
@@ -56,3 +58,11 @@ def test_owner_is_the_session_holding_the_process_else_its_uid(tree: Tree) -> No
         for sleeper in sleepers:
             sleeper.kill()
             sleeper.wait()
+
+
+def test_within_a_cgroup_is_by_whole_path_components() -> None:
+    """Placement's check that a process lives in a session: s-10 is not inside s-1."""
+    assert cgroupfs.is_within("/m/sessions/s-1/agent", "/m/sessions/s-1")
+    assert cgroupfs.is_within("/m/sessions/s-1", "/m/sessions/s-1")
+    assert not cgroupfs.is_within("/m/sessions/s-10/agent", "/m/sessions/s-1")
+    assert not cgroupfs.is_within("/m/sessions", "/m/sessions/s-1")

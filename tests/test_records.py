@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -249,3 +250,17 @@ def test_the_test_reader_takes_only_complete_lines_while_agentd_writes_one(tmp_p
     with daemon.records.open("a") as f:
         f.write('ion_id": "s"}\n')
     assert [json.loads(line)["call_id"] for line in daemon.records_lines()] == ["a", "b"]
+
+
+def test_a_line_encoded_by_the_caller_is_written_for_that_result_only(tmp_path: Path) -> None:
+    """The reaper encodes a result once, for its label and its line; a later result of the same id (no encoding
+    given) is written as itself, not with the earlier bytes."""
+    path = tmp_path / "records.jsonl"
+    store = RecordStore(path, 1 << 20, 100)
+    first = result("c1")
+    second = dataclasses.replace(first, feedback="another")
+    store.append(first, records.encode_result(first))
+    store.append(second)
+    store.close()
+    assert path.read_bytes().splitlines() == [records.encode_result(first), records.encode_result(second)]
+    assert json.loads(records.encode_result(first)) == first.to_json()

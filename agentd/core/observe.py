@@ -53,11 +53,14 @@ class _LimitOoms:
     ooms: int
 
 
+def _ooms(cgroup: Path) -> int:
+    return cgroupfs.parse_flat_keyed(cgroupfs.read_text(f"{cgroup}/memory.events.local")).get("oom", 0)
+
+
 def _limit_ooms(cgroup: Path) -> _LimitOoms:
-    local = cgroupfs.parse_flat_keyed(cgroupfs.read_text(f"{cgroup}/memory.events.local"))
     text = cgroupfs.read_text(f"{cgroup}/memory.max")
     limit = int(text) if text is not None and text.strip().isdigit() else -1
-    return _LimitOoms(limit, local.get("oom", 0))
+    return _LimitOoms(limit, _ooms(cgroup))
 
 
 class OomWitness:
@@ -69,14 +72,15 @@ class OomWitness:
     def began(self, call: ToolCall) -> None:
         """Note the ancestors' counts now (an engine on_begin listener); calls adopted at start have none."""
         try:
-            counts = (_limit_ooms(call.path.parent).ooms, _limit_ooms(call.path.parent.parent).ooms)
+            counts = (_ooms(call.path.parent), _ooms(call.path.parent.parent))
         except (OSError, ValueError):  # unreadable: the call's OOM, if any, is blamed on an unnamed ancestor
             return
         self._began[call.id] = counts
 
     def ended(self, call: ToolCall) -> AncestorOoms | None:
         """The OOM kills its ancestors' limits invoked since it began, and those limits; None if it was not seen
-        beginning (an adopted call). Forgets the call."""
+        beginning (an adopted call). Forgets the call. Asked only for a call OOM-killed from above (the reaper):
+        the others forget()."""
         before = self._began.pop(call.id, None)
         if before is None:
             return None

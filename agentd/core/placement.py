@@ -37,9 +37,10 @@ class Placement:
         if session is None or session.deleting:
             raise FailedPrecondition(f"session {call.session_id!r} is being deleted")
         if call.confined:
+            mount, within = str(self.tree.mount), str(session.path)
             for who in {sender, pid}:
-                where = cgroupfs.cgroup_of_pid(self.tree.mount, who)
-                if where is None or not where.is_relative_to(session.path):
+                where = cgroupfs.cgroup_path_of_pid(mount, who)
+                if where is None or not cgroupfs.is_within(where, within):
                     log.warning("placement refused", extra={"call": call.id, "session": session.id, "pid": who,
                                                              "cgroup": str(where)})
                     raise PermissionDenied(

@@ -9,18 +9,19 @@ refuses to give its accounting (the result then says the accounting is missing);
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agentd.core.housekeeping import Housekeeping
 from agentd.core.network import NetworkIntent
 from agentd.core.observe import OomWitness
-from agentd.core.records import RecordStore
+from agentd.core.records import RecordStore, encode_result
 from agentd.core.registry import Registry
 from agentd.core.results import (
     AncestorOoms,
+    Outcome,
     Result,
     classify,
     feedback,
@@ -58,14 +59,18 @@ class Reaper:
         if call.exit_status is None:
             self.tracking.drain()  # the exit of the call's first process is in the ring buffer by now
         stats, counters, denials = self._evidence(call)
-        result = build_result(call, stats, call.state != CallState.PENDING, denials,
-                              counters.forks if counters else -1, time.time(), self.oom_witness.ended(call))
+        try:
+            result = build_result(call, stats, call.state != CallState.PENDING, denials,
+                                  counters.forks if counters else -1, time.time(), lambda: self.oom_witness.ended(call))
+        finally:
+            self.oom_witness.forget(call)
         call.state = CallState.FINISHED
         session = self.registry.remove_call(call)
         if session is not None:
             session.network_denials += result.network_denials
-        self._keep(call, result)
-        self.records.append(result)
+        encoded = encode_result(result)
+        self._keep(call, encoded)
+        self.records.append(result, encoded)
         if call.done is not None and not call.done.done():
             call.done.set_result(result)
         self.housekeeping.retire_later(call, result, counters)
@@ -100,10 +105,11 @@ class Reaper:
             denials = 0
         return stats, counters, denials
 
-    def _keep(self, call: ToolCall, result: Result) -> None:
-        """Label the cgroup with its result, so that a restart records what the agent was told."""
+    def _keep(self, call: ToolCall, encoded: bytes) -> None:
+        """Label the cgroup with its result (encode_result(): as its record line will hold it), so that a restart
+        records what the agent was told."""
         try:
-            cgroupfs.set_label(call.path, RESULT_LABEL, json.dumps(result.to_json(), separators=(",", ":")).encode())
+            cgroupfs.set_label(call.path, RESULT_LABEL, encoded)
         except cgroupfs.CgroupError as exc:
             log.error("result label not written: a crash before the record is written would record the call "
                       "from the kernel's evidence alone", extra={"call": call.id, "error": str(exc)})
@@ -111,13 +117,16 @@ class Reaper:
 
 def build_result(
     call: ToolCall, stats: cgroupfs.CgroupStats, ran: bool, denials: int, forks: int, ended: float,
-    ancestors: AncestorOoms | None = None,
+    witness: Callable[[], AncestorOoms | None] | None = None,
 ) -> Result:
     """The result from the call's state and the kernel's evidence: the client's report of the exit status
-    first, then the kernel's word on the first process."""
+    first, then the kernel's word on the first process. `witness` gives the OOM kills the call's ancestors'
+    limits invoked while it ran; asked only for a call OOM-killed from above (it reads their files)."""
     exit_status = call.exit_status if call.exit_status is not None else call.kernel_exit
     outcome = classify(ran, stats, call.kill_reason, exit_status)
     throttled, frozen = call.policy.totals(ended)
+    from_above = outcome == Outcome.OOM_KILLED and stats.memory_events.get("oom", 0) == 0
+    ancestors = witness() if witness is not None and from_above else None
     scope = oom_scope(outcome, stats.memory_events, ancestors)
     return Result(
         call_id=call.id,

@@ -75,6 +75,11 @@ def _line_id(line: bytes) -> str | None:
     return call_id if isinstance(call_id, str) else None
 
 
+def encode_result(result: Result) -> bytes:
+    """A result as its record line holds it (without the newline) and as the result label keeps it."""
+    return json.dumps(result.to_json(), separators=(",", ":")).encode()
+
+
 def _index_path(path: Path) -> Path:
     return path.with_name(path.name + INDEX_SUFFIX)
 
@@ -314,6 +319,8 @@ class RecordStore:
         self.keep = keep
         self._cache: OrderedDict[str, Result] = OrderedDict()  # parsed results, least recently used first
         self._pending: list[Result] = []
+        # encode_result() of pending results, by call id, when the caller had it (with the result it encodes)
+        self._encoded: dict[str, tuple[Result, bytes]] = {}
         self._damaged: set[tuple[int, int]] = set()  # (inode, offset) of unreadable lines already logged
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in (self._fresh_path, _index_path(self._fresh_path)):  # a crash in the middle of a rotation
@@ -360,9 +367,12 @@ class RecordStore:
         while len(self._cache) > self.keep:
             self._cache.popitem(last=False)
 
-    def append(self, result: Result) -> None:
-        """Take a finished call's result: listed at once, its line written by the next write_pending()."""
+    def append(self, result: Result, encoded: bytes | None = None) -> None:
+        """Take a finished call's result: listed at once, its line written by the next write_pending().
+        `encoded`: encode_result(result), when the caller made it already (the reaper, for the result label)."""
         self._pending.append(result)
+        if encoded is not None:
+            self._encoded[result.call_id] = (result, encoded)
         self._remember(result)
 
     def write_pending(self) -> None:
@@ -373,7 +383,8 @@ class RecordStore:
             items: list[tuple[str, bytes]] = []
             total = 0
             for result in self._pending:
-                line = json.dumps(result.to_json(), separators=(",", ":")).encode() + b"\n"
+                known = self._encoded.get(result.call_id)
+                line = (known[1] if known is not None and known[0] is result else encode_result(result)) + b"\n"
                 if size + total + len(line) > self.max_bytes and size + total > 0:
                     break
                 items.append((result.call_id, line))
@@ -383,6 +394,10 @@ class RecordStore:
                 continue
             self._current.append(items)
             self._dirty.set()
+            for result in self._pending[: len(items)]:
+                known = self._encoded.get(result.call_id)
+                if known is not None and known[0] is result:
+                    del self._encoded[result.call_id]
             del self._pending[: len(items)]
 
     def _sync_loop(self) -> None:

@@ -303,16 +303,28 @@ def memory_peak(path: Path, files: KeptFiles = UNKEPT) -> int:
 
 def cgroup_of_pid(mount: Path, pid: int) -> Path | None:
     """The cgroup v2 directory of a process, or None if it is gone."""
+    where = cgroup_path_of_pid(str(mount), pid)
+    return None if where is None else Path(where)
+
+
+def cgroup_path_of_pid(mount: str, pid: int) -> str | None:
+    """cgroup_of_pid() as a plain string (no pathlib: placement checks two processes per tool call)."""
     try:
-        text = read_text(Path(f"/proc/{pid}/cgroup"))
+        text = read_text(f"/proc/{pid}/cgroup")
     except ProcessLookupError:  # it exited between open and read
         return None
     if text is None:
         return None
     for line in text.splitlines():
         if line.startswith("0::"):
-            return mount / line[3:].strip().lstrip("/")
+            relative = line[3:].strip().strip("/")
+            return f"{mount.rstrip('/')}/{relative}" if relative else mount
     return None
+
+
+def is_within(path: str, ancestor: str) -> bool:
+    """Whether cgroup `path` is `ancestor` or below it (plain strings, as cgroup_path_of_pid() gives them)."""
+    return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
 
 
 def remove_tree(path: Path) -> None:

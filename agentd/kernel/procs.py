@@ -35,8 +35,11 @@ def anon_resident_bytes(pid: int) -> int:
 
 def set_oom_score_adj(pid: int, value: int) -> None:
     """How eagerly the kernel's OOM killer picks the process (-1000..1000); children inherit it at fork."""
-    with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-        f.write(str(value))
+    fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)  # raw: once per placed process
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
 
 
 def oom_score_adj(pid: int) -> int:
