@@ -2,10 +2,11 @@
 
 Signals, event-driven through the core's one epoll (kernel/watch.py): a PSI trigger on the memory.pressure of
 sessions/ and of every session (where the kernel has PSI), and memory.events.local of each pressure domain.
-A signal runs a decision for every domain at once; while any domain is under pressure, or the ladder still
-holds calls it must give back, a tick repeats it every `tick_seconds`. Between episodes a domain that runs tool
-calls is watched: one read of its memory.current every `watch_seconds` (watch_trips), a decision only when that
-reading comes near the throttle reserve, and one at least every WATCH_MAX_SECONDS. Otherwise nothing polls.
+A signal runs a decision for every domain at once; while any domain is under pressure a tick repeats it every
+`tick_seconds`, and while the ladder only holds calls it must give back, every `recover_step_seconds`. Outside
+pressure a domain that runs tool calls is watched: one read of its memory.current every `watch_seconds`
+(watch_trips), a decision at once when that reading comes near the throttle reserve, and one at least every
+WATCH_MAX_SECONDS. Otherwise nothing polls.
 
 Pressure domains: sessions/ (every agent on the host; its limit is `sessions_memory_max`, or the smallest
 memory.max above it, or physical memory minus `host_reserve`) and each session with a memory budget.
@@ -45,7 +46,9 @@ from agentd.policy.snapshot import (
     call_view,
     domain_state,
     limit_above,
+    limit_chain,
     session_domain,
+    smallest_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class Domain:
     announced: bool = False  # "pressure" was published and "clear" not yet
     watched: bool = False  # it runs calls and is not ticking: watched between decisions
     looked: tuple[int, float] | None = None  # the watch's previous reading: usage, when
+    limit_chain: tuple[str, ...] = ()  # sessions/: where a memory.max above it can bound it
 
 
 @dataclass(eq=False)
@@ -253,7 +257,9 @@ class PolicyLoop:
         None when it has none."""
         sessions = self._sessions_of(domain)
         if domain.session is None:  # anyone may change a memory.max above sessions/ (an operator, MemoryMax=)
-            domain.limit = limit_above(domain.path, self.engine.tree.mount, self.config.host_reserve, self._files)
+            if not domain.limit_chain:
+                domain.limit_chain = limit_chain(domain.path, self.engine.tree.mount)
+            domain.limit = smallest_limit(domain.limit_chain, self.config.host_reserve, self._files)
         views = self._views(sessions, domain, now)
         # Held calls that ended or were killed since the previous decision: their sessions' echo starts now.
         self._mute_released(sessions, domain.held - held_sessions(domain.memory, views), now)
@@ -280,11 +286,14 @@ class PolicyLoop:
         domain.held = held
         holding = any(mem.held for mem in domain.memory.calls.values())
         self._reactions.decided(domain.name, holding)
-        ticking = a.active or holding
-        domain.watched = not ticking and bool(views)
+        # Under pressure a decision every tick; while only giving back (recovery, one step per recover_step_seconds)
+        # the watch looks in between, as between episodes, and decides at once if pressure comes back.
+        domain.watched = not a.active and bool(views)
         domain.looked = (a.usage, now)
-        if ticking:
+        if a.active:
             return self.config.tick_seconds
+        if holding:
+            return max(self.config.tick_seconds, self.config.recover_step_seconds)
         return WATCH_MAX_SECONDS if sessions else None
 
     def _carry_out(self, domain: Domain, action: Action, others: act.OtherHolds, now: float) -> None:

@@ -123,13 +123,24 @@ class HighMeter:
 def limit_above(path: Path, mount: Path, host_reserve: int, files: cgroupfs.KeptFiles = cgroupfs.UNKEPT) -> int:
     """The memory a cgroup can have: the smallest memory.max on it or above it inside the mount, or physical memory
     minus the host's reserve."""
-    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - host_reserve
-    here = path
+    return smallest_limit(limit_chain(path, mount), host_reserve, files)
+
+
+def limit_chain(path: Path, mount: Path) -> tuple[str, ...]:
+    """The cgroup and its ancestors inside the mount: where a memory.max can bound it (walked once per domain)."""
+    chain, here = [], path
     while here.is_relative_to(mount) and here != mount:
-        text = files.read(here, "memory.max")
+        chain.append(str(here))
+        here = here.parent
+    return tuple(chain)
+
+
+def smallest_limit(chain: tuple[str, ...], host_reserve: int, files: cgroupfs.KeptFiles = cgroupfs.UNKEPT) -> int:
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") - host_reserve
+    for cgroup in chain:
+        text = files.read(cgroup, "memory.max")
         if text is not None and text.strip() != "max":
             limit = min(limit, int(text))
-        here = here.parent
     return max(limit, 1)
 
 
