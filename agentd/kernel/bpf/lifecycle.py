@@ -53,7 +53,10 @@ class CgroupKind(enum.IntFlag):
     TOOL_CALL = 2
 
 
-_KINDS = {int(kind): kind for kind in CgroupKind}  # IntFlag(value) is slow; this is the hot path
+# Enum(value) and Enum.MEMBER are slow and this is the hot path (several events per tool call): looked up once.
+_TYPES = {int(kind): kind for kind in EventType}
+_KINDS = {int(kind): kind for kind in CgroupKind}
+_EXEC_EVENT, _EXIT_EVENT = EventType.EXEC, EventType.EXIT
 
 
 class ProcessCounters(NamedTuple):
@@ -96,12 +99,12 @@ class ProcessEvent:
 def decode_event(record: bytes) -> ProcessEvent:
     """Decode one ring buffer record (struct event, or struct exec_event for EXEC)."""
     kind, flags, ts_ns, cgroup_id, pid, tgid, ppid, status, comm, parent_comm = _HEADER.unpack_from(record)
-    event_type = EventType(kind)
+    event_type = _TYPES.get(kind) or EventType(kind)
     cgroup_kind = _KINDS.get(flags) or CgroupKind(flags)
-    if event_type is not EventType.EXEC:
+    if event_type is not _EXEC_EVENT:
         return ProcessEvent(
             event_type, ts_ns, cgroup_id, cgroup_kind, pid, tgid, ppid, _text(comm), _text(parent_comm),
-            wait_status=status if event_type is EventType.EXIT else 0,
+            wait_status=status if event_type is _EXIT_EVENT else 0,
         )
     args_size, filename, args = _EXEC.unpack_from(record, _HEADER.size)
     argv = args[: min(args_size, len(args))].split(b"\0")
