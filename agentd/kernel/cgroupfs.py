@@ -122,7 +122,7 @@ def parse_flat_keyed(text: str | None) -> dict[str, int]:
             try:  # not contextlib.suppress: an object and two calls per line, on every call's and policy look's path
                 out[key] = int(value)
             except ValueError:
-                pass
+                continue
     return out
 
 
