@@ -1,7 +1,7 @@
 """Process tracking with the lifecycle BPF program, in the engine's terms.
 
-The kernel reports forks, execs and exits of the cgroups added here (session agent/ leaves and tool-call
-leaves) and drops everything else. Events are read on the event loop when the ring buffer's fd is
+The kernel reports execs in the session agent/ leaves and exits in the tool-call leaves added here, and only
+counts the rest (forks too). Events are read on the event loop when the ring buffer's fd is
 readable (an exec in an agent leaf of a basename given to wake_on_exec_of, or a backlog) and by drain(),
 which the engine calls before it finalises a call so that the exits of its processes are in. An exit gives
 a call the exit status of its first process; an exec in an agent leaf goes to on_agent_exec (auto-capture):

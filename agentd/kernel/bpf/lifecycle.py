@@ -1,8 +1,9 @@
 """Process lifecycle (fork, exec, exit) of managed cgroups, reported by bpf/lifecycle.bpf.c.
 
-The kernel side drops events of cgroups not added with add_cgroup(). Execs and exits are reported as
-events; forks (new processes, not threads) are only counted. Exits are thread-group leaders' (a leader
-that ends with pthread_exit while other threads run is reported then). Exec events carry what a capture
+The kernel side drops events of cgroups not added with add_cgroup(). Execs in AGENT_LEAF cgroups and exits
+in TOOL_CALL cgroups are reported as events; forks (new processes, not threads), execs in tool calls and exits
+in agent leaves are only counted (nobody reads them). Exits are thread-group leaders' (a leader that ends
+with pthread_exit while other threads run is reported then). Exec events carry what a capture
 rule needs: the new comm, the exec'd filename, the start of argv and the parent's pid and comm. Timestamps
 are CLOCK_MONOTONIC ns (time.monotonic_ns()).
 
@@ -49,8 +50,8 @@ class EventType(enum.IntEnum):
 
 
 class CgroupKind(enum.IntFlag):
-    AGENT_LEAF = 1  # execs here of set_wake_names() basenames wake the consumer at once
-    TOOL_CALL = 2
+    AGENT_LEAF = 1  # execs here are reported; those of set_wake_names() basenames wake the consumer at once
+    TOOL_CALL = 2  # exits here are reported
 
 
 # Enum(value) and Enum.MEMBER are slow and this is the hot path (several events per tool call): looked up once.
