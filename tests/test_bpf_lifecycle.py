@@ -20,6 +20,7 @@ import pytest
 from bpf_support import Cgroups, popen_in_cgroup, requires_root
 
 from agentd.core.intents import Intent, Limits
+from agentd.core.sessions import Session, SessionSpec
 from agentd.core.toolcalls import ToolCall
 from agentd.core.tracking import Tracking
 from agentd.kernel.bpf import cgroup_id
@@ -232,6 +233,32 @@ def test_removed_cgroups_are_no_longer_reported(tracker: LifecycleTracker, cgrou
     silent, reported = run(first, ["/bin/true"]), run(second, ["/bin/true"])
     assert {e.pid for e in tracker.consume()} == {reported} != {silent}
     assert tracker.all_counters() == {cgroup_id(second): ProcessCounters(forks=0, execs=1, exits=1)}
+
+
+def test_a_sessions_agent_leaf_reports_execs_only_when_they_are_wanted(
+    tracker: LifecycleTracker, cgroups: Cgroups
+) -> None:
+    """Auto-capture off for a session: its agent leaf's execs are counted in the kernel, never sent to agentd."""
+    loop = asyncio.new_event_loop()
+    tracking = Tracking(tracker, loop)
+    seen: list[tuple[str, int]] = []
+    tracking.on_agent_exec = lambda session, event: seen.append((session.id, event.pid))
+    tracking.wants_execs = lambda session: session.id == "on"
+    sessions = [Session(SessionSpec(id=name), cgroups.make(), "0" * 64, 0.0) for name in ("on", "off")]
+    try:
+        for session in sessions:
+            session.agent_path.mkdir()
+            tracking.add_session(session)
+        on, _off = (run(session.agent_path, ["/bin/true"]) for session in sessions)
+        tracking.drain()
+        assert seen == [("on", on)]
+        counters = tracking.session_counters()
+        assert counters["on"].execs == counters["off"].execs == 1
+    finally:
+        tracking.close()
+        loop.close()
+        for session in sessions:
+            session.agent_path.rmdir()
 
 
 def _call(cgroup: int) -> ToolCall:
