@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Process lifecycle of the cgroups agentd manages: exec and exit events through a ring buffer, per-cgroup
- * fork/exec/exit counters, and a count of events lost to a full ring buffer. Forks are only counted: nobody
- * reads a fork event, and a fork bomb's events would crowd out the exits agentd needs.
+ * Process lifecycle of the cgroups agentd manages: exec events of agent leaves (auto-capture) and exit events
+ * of tool calls (a call's exit status) through a ring buffer, per-cgroup fork/exec/exit counters, and a count
+ * of events lost to a full ring buffer. Everything else is only counted: nobody reads a fork event, an exec in
+ * a tool call or an exit in an agent leaf, each would cost agentd a callback and a decode (a build execs
+ * thousands of processes), and a fork bomb's events would crowd out the exits agentd needs.
  *
  * Only cgroup ids present in the `managed` map are reported; everything else is dropped here after one
  * hash lookup. Threads are ignored: forks count new processes (child pid == tgid) and exits count
@@ -28,7 +30,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 #define ARGS_LEN 256
 #define WAKEUP_BYTES (64 << 10)
 #define WAKE_NAME_LEN 16 /* key size of wake_names: up to 15 bytes of a basename and a NUL */
-#define CGROUP_AGENT_LEAF 1 /* in managed_cgroup.flags */
+#define CGROUP_AGENT_LEAF 1 /* in managed_cgroup.flags: its execs are reported */
+#define CGROUP_TOOL_CALL 2 /* in managed_cgroup.flags: its exits are reported */
 /*
  * Capacity of `managed`: every session's agent/ leaf and every running tool call (spares are not added). A
  * full map makes agentd log an error and run those cgroups untracked; agentd_bpf_map_entries/_capacity show
@@ -201,6 +204,8 @@ int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binp
 	if (!m)
 		return 0;
 	__sync_fetch_and_add(&m->execs, 1);
+	if (!(m->flags & CGROUP_AGENT_LEAF))
+		return 0;
 
 	struct exec_event *e = reserve(sizeof(*e));
 
@@ -221,7 +226,7 @@ int BPF_PROG(on_exec, struct task_struct *task, pid_t old_pid, struct linux_binp
 		size = ARGS_LEN;
 	if (bpf_probe_read_user(e->args, size, (void *)arg_start))
 		e->args_size = 0;
-	submit(e, (e->base.cgroup_flags & CGROUP_AGENT_LEAF) && wakes(e->filename, filename_size));
+	submit(e, wakes(e->filename, filename_size));
 	return 0;
 }
 
@@ -245,6 +250,8 @@ int BPF_PROG(on_exit, struct task_struct *task)
 	if (!m)
 		return 0;
 	__sync_fetch_and_add(&m->exits, 1);
+	if (!(m->flags & CGROUP_TOOL_CALL))
+		return 0;
 
 	struct event *e = reserve(sizeof(*e));
 

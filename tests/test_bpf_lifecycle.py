@@ -1,8 +1,8 @@
-"""The lifecycle programs on this host's kernel: exec and exit events of managed cgroups (forks are only counted)
-arrive with the right pids, parents, cgroup and exit status; other cgroups are filtered in the kernel; an exec
-in an agent leaf of a file whose basename is a wake name (any file until wake names are set) wakes the ring
-buffer's epoll fd at once, other events (other execs in agent leaves included, still counted and reported) only
-once a backlog builds up."""
+"""The lifecycle programs on this host's kernel: exec events of managed agent leaves and exit events of managed
+tool calls arrive with the right pids, parents, cgroup and exit status (forks, execs in tool calls and exits in
+agent leaves are only counted); other cgroups are filtered in the kernel; an exec in an agent leaf of a file whose
+basename is a wake name (any file until wake names are set) wakes the ring buffer's epoll fd at once, other events
+(other execs in agent leaves included, still counted and reported) only once a backlog builds up."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 from bpf_support import Cgroups, popen_in_cgroup, requires_root
 
 from agentd.core.intents import Intent, Limits
+from agentd.core.sessions import Session, SessionSpec
 from agentd.core.toolcalls import ToolCall
 from agentd.core.tracking import Tracking
 from agentd.kernel.bpf import cgroup_id
@@ -64,46 +65,49 @@ def readable(tracker: LifecycleTracker, timeout: float = 0.0) -> bool:
 def test_managed_events_arrive_and_unmanaged_are_filtered(
     tracker: LifecycleTracker, cgroups: Cgroups
 ) -> None:
-    managed, unmanaged = cgroups.make(), cgroups.make()
-    managed_id = cgroup_id(managed)
-    tracker.add_cgroup(managed_id, CgroupKind.TOOL_CALL)
+    """Execs are reported from agent leaves, exits from tool calls; the rest is counted, not reported."""
+    leaf, call, unmanaged = cgroups.make(), cgroups.make(), cgroups.make()
+    leaf_id, call_id = cgroup_id(leaf), cgroup_id(call)
+    tracker.add_cgroup(leaf_id, CgroupKind.AGENT_LEAF)
+    tracker.add_cgroup(call_id, CgroupKind.TOOL_CALL)
+    tracker.set_wake_names([])  # no exec wakes the consumer
     started_ns = time.monotonic_ns()
 
     quiet = {run(unmanaged, EXIT_3), run(unmanaged, KILLED)}
-    shell, killed = run(managed, EXIT_3), run(managed, KILLED)
-    assert not readable(tracker)  # a tool call's events are batched
+    shell, killed = run(leaf, EXIT_3), run(leaf, KILLED)
+    call_shell, call_killed = run(call, EXIT_3), run(call, KILLED)
+    assert not readable(tracker)  # batched
     events = tracker.consume()
 
-    assert {e.cgroup_id for e in events} == {managed_id}
     assert not quiet & {e.pid for e in events} and not quiet & {e.ppid for e in events}
-    assert all(e.cgroup_kind is CgroupKind.TOOL_CALL for e in events)
     assert all(started_ns <= e.timestamp_ns <= time.monotonic_ns() for e in events)
+    execs = {e.pid: e for e in events if e.type is EventType.EXEC}
+    exits = {e.pid: e for e in events if e.type is EventType.EXIT}
+    assert len(execs) + len(exits) == len(events) == 6  # forks are counted, not reported
+    assert {(e.cgroup_id, e.cgroup_kind) for e in execs.values()} == {(leaf_id, CgroupKind.AGENT_LEAF)}
+    assert {(e.cgroup_id, e.cgroup_kind) for e in exits.values()} == {(call_id, CgroupKind.TOOL_CALL)}
 
-    assert {e.type for e in events} == {EventType.EXEC, EventType.EXIT}  # forks are counted, not reported
-    (true,) = [e.pid for e in events if e.type is EventType.EXEC and e.comm == "true"]
-    by_key = {(e.type, e.pid): e for e in events}
-    assert len(by_key) == len(events) == 6
-
-    shell_exec = by_key[EventType.EXEC, shell]
+    (true,) = [pid for pid, e in execs.items() if e.comm == "true"]
+    shell_exec = execs[shell]
     assert (shell_exec.ppid, shell_exec.comm, shell_exec.filename) == (os.getpid(), "sh", "/bin/sh")
     assert shell_exec.argv == tuple(EXIT_3) and not shell_exec.argv_truncated
-    true_exec = by_key[EventType.EXEC, true]
+    true_exec = execs[true]
     assert (true_exec.ppid, true_exec.parent_comm, true_exec.comm, true_exec.argv) == (
         shell,
         "sh",
         "true",
         ("/bin/true",),
     )
-    assert shell_exec.timestamp_ns < true_exec.timestamp_ns < by_key[EventType.EXIT, true].timestamp_ns
+    assert shell_exec.timestamp_ns < true_exec.timestamp_ns
+    assert execs[killed].argv == tuple(KILLED)
 
-    assert (by_key[EventType.EXIT, true].exit_code, by_key[EventType.EXIT, true].signal) == (0, None)
-    shell_exit = by_key[EventType.EXIT, shell]
-    assert (shell_exit.exit_code, shell_exit.signal, shell_exit.ppid) == (3, None, os.getpid())
-    killed_exit = by_key[EventType.EXIT, killed]
-    assert (killed_exit.exit_code, killed_exit.signal) == (None, signal.SIGUSR1)
-    assert by_key[EventType.EXEC, killed].argv == tuple(KILLED)
+    (call_true,) = set(exits) - {call_shell, call_killed}
+    assert (exits[call_true].exit_code, exits[call_true].signal, exits[call_true].ppid) == (0, None, call_shell)
+    assert (exits[call_shell].exit_code, exits[call_shell].signal, exits[call_shell].ppid) == (3, None, os.getpid())
+    assert (exits[call_killed].exit_code, exits[call_killed].signal) == (None, signal.SIGUSR1)
 
-    assert tracker.counters(managed_id) == ProcessCounters(forks=1, execs=3, exits=3)
+    for managed in (leaf_id, call_id):
+        assert tracker.counters(managed) == ProcessCounters(forks=1, execs=3, exits=3)
     assert tracker.counters(cgroup_id(unmanaged)) is None
     assert tracker.lost() == 0
 
@@ -173,21 +177,23 @@ def test_wake_names_compare_the_first_15_bytes(
     exec_while_running(tracker, leaf, [str(other), "30"], wakes=True)  # the same first 15 bytes: spurious
 
 
-def test_exec_of_a_wake_name_in_a_tool_call_is_batched(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
+def test_execs_in_a_tool_call_are_counted_not_reported(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
     call = cgroups.make()
     tracker.add_cgroup(cgroup_id(call), CgroupKind.TOOL_CALL)
-    tracker.set_wake_names(["sleep"])
-    execed, _ = exec_while_running(tracker, call, ["/bin/sleep", "30"], wakes=False)
-    assert execed.cgroup_kind is CgroupKind.TOOL_CALL
+    tracker.set_wake_names(["sleep"])  # a wake name, but not in an agent leaf
+    pid = run(call, ["/bin/sleep", "0"])
+    assert not readable(tracker)
+    assert [(e.type, e.pid) for e in tracker.consume()] == [(EventType.EXIT, pid)]
+    assert tracker.counters(cgroup_id(call)) == ProcessCounters(forks=0, execs=1, exits=1)
 
 
 def test_a_backlog_wakes_the_consumer(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
     call = cgroups.make()
     tracker.add_cgroup(cgroup_id(call), CgroupKind.TOOL_CALL)
     run(call, ["/bin/sh", "-c", 'i=0; while [ "$i" -lt 1000 ]; do (exit 0); i=$((i + 1)); done'])
-    assert readable(tracker)  # 1,000 exit events of 80 bytes passed the 64 KiB mark (forks are only counted)
+    assert readable(tracker)  # 1,000 exit events of 80 bytes passed the 64 KiB mark (forks, execs only counted)
     events = tracker.consume()
-    assert len(events) == 1 + 1000 + 1 and tracker.lost() == 0
+    assert len(events) == 1000 + 1 and tracker.lost() == 0
     assert tracker.counters(cgroup_id(call)) == ProcessCounters(forks=1000, execs=1, exits=1001)
 
 
@@ -202,14 +208,14 @@ def test_threads_are_not_processes(tracker: LifecycleTracker, cgroups: Cgroups) 
     pid = run(cgroup, [sys.executable, "-c", script])
     events = tracker.consume()
 
-    assert [(e.type, e.pid) for e in events] == [(EventType.EXEC, pid), (EventType.EXIT, pid)]
-    assert events[1].exit_code == 7
+    assert [(e.type, e.pid) for e in events] == [(EventType.EXIT, pid)]
+    assert events[0].exit_code == 7
     assert tracker.counters(cgroup_id(cgroup)) == ProcessCounters(forks=0, execs=1, exits=1)
 
 
 def test_long_argv_is_truncated(tracker: LifecycleTracker, cgroups: Cgroups) -> None:
     cgroup = cgroups.make()
-    tracker.add_cgroup(cgroup_id(cgroup), CgroupKind.TOOL_CALL)
+    tracker.add_cgroup(cgroup_id(cgroup), CgroupKind.AGENT_LEAF)
     run(cgroup, ["/bin/true", *(["x" * 50] * 10)])
     (execed,) = [e for e in tracker.consume() if e.type is EventType.EXEC]
     assert execed.argv_truncated and execed.argv[0] == "/bin/true" and execed.argv[1] == "x" * 50
@@ -227,6 +233,32 @@ def test_removed_cgroups_are_no_longer_reported(tracker: LifecycleTracker, cgrou
     silent, reported = run(first, ["/bin/true"]), run(second, ["/bin/true"])
     assert {e.pid for e in tracker.consume()} == {reported} != {silent}
     assert tracker.all_counters() == {cgroup_id(second): ProcessCounters(forks=0, execs=1, exits=1)}
+
+
+def test_a_sessions_agent_leaf_reports_execs_only_when_they_are_wanted(
+    tracker: LifecycleTracker, cgroups: Cgroups
+) -> None:
+    """Auto-capture off for a session: its agent leaf's execs are counted in the kernel, never sent to agentd."""
+    loop = asyncio.new_event_loop()
+    tracking = Tracking(tracker, loop)
+    seen: list[tuple[str, int]] = []
+    tracking.on_agent_exec = lambda session, event: seen.append((session.id, event.pid))
+    tracking.wants_execs = lambda session: session.id == "on"
+    sessions = [Session(SessionSpec(id=name), cgroups.make(), "0" * 64, 0.0) for name in ("on", "off")]
+    try:
+        for session in sessions:
+            session.agent_path.mkdir()
+            tracking.add_session(session)
+        on, _off = (run(session.agent_path, ["/bin/true"]) for session in sessions)
+        tracking.drain()
+        assert seen == [("on", on)]
+        counters = tracking.session_counters()
+        assert counters["on"].execs == counters["off"].execs == 1
+    finally:
+        tracking.close()
+        loop.close()
+        for session in sessions:
+            session.agent_path.rmdir()
 
 
 def _call(cgroup: int) -> ToolCall:

@@ -149,6 +149,30 @@ def test_a_bad_request_leaves_the_connection_usable(daemon: Daemon, session: tup
     _nothing_created(daemon, sid)
 
 
+def test_begins_sent_before_the_first_is_answered_keep_their_descriptors(
+    daemon: Daemon, session: tuple[str, str], live_pidfd: int
+) -> None:
+    """Frames that come while a BEGIN is handled wait in the socket, each with its pidfd, and are answered in order."""
+    sid, token = session
+    begin = frame(join.BEGIN, pb.BeginToolCallRequest(intent=pb.Intent(tool="t")).SerializeToString())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon.join_socket))
+        sock.sendall(hello(token=token))
+        for _ in range(3):
+            socket.send_fds(sock, [begin], [live_pidfd])
+        received: list[tuple[int, bytes]] = []
+        rest = b""
+        while len(received) < 3:
+            chunk = sock.recv(4096)
+            assert chunk, "closed before three answers"
+            frames, rest = join.split_frames(rest + chunk)
+            received += frames
+    # Each BEGIN had its pidfd (without one: INVALID_ARGUMENT); this test's process is outside the session.
+    assert [(e.code, e.placement_refused) for e in errors_of(received)] == [("PERMISSION_DENIED", True)] * 3
+    _nothing_created(daemon, sid)
+
+
 def test_a_descriptor_not_alone_with_the_end_of_a_begin_closes_the_connection(
     daemon: Daemon, session: tuple[str, str], live_pidfd: int
 ) -> None:

@@ -49,11 +49,15 @@ def test_the_journal_tells_a_calls_story(daemon: Daemon) -> None:
 
 def test_a_line_holds_its_fields_as_json_values() -> None:
     """The formatter's fast path keeps what a line shows: plain values as they are (an IntEnum as its number),
-    anything else as its str(), the exception's traceback."""
+    anything else as its str(), the exception's traceback; not what another handler's formatter added to the
+    record before (message, asctime)."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
+    plain = logging.StreamHandler(io.StringIO())
+    plain.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger = logging.getLogger("agentd.test_logs")
+    logger.addHandler(plain)
     logger.addHandler(handler)
     logger.propagate = False
     try:
@@ -65,6 +69,7 @@ def test_a_line_holds_its_fields_as_json_values() -> None:
             logger.exception("failed", extra={"call": "c1"})
     finally:
         logger.removeHandler(handler)
+        logger.removeHandler(plain)
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first.pop("ts") > 0 and second.pop("ts") > 0
     assert first == {"level": "warning", "logger": "agentd.test_logs", "msg": "a formatted line", "path": "/a/b",

@@ -54,7 +54,8 @@ class Births:
         self, session: Session, intent: Intent, report_exit: bool, confined: bool, held: Held | None = None
     ) -> tuple[ToolCall, str]:
         """A declared call: its cgroup, and a one-time token for the process that will join it; or, given a
-        held process, that process placed at once and no token."""
+        held process, that process placed at once and no token. The intent was validated by the API (before
+        admission: validate_intent)."""
         call = self._new_call(session, intent, report_exit, confined, implicit=False)
         if held is not None:
             try:
@@ -75,6 +76,7 @@ class Births:
         follow it. None if the process left agent/ or ended before it could be moved."""
         if cgroupfs.cgroup_of_pid(self.tree.mount, pid) != session.agent_path:
             return None
+        validate_intent(intent, self.config)  # made from what the process exec'd
         call = self._new_call(session, intent, report_exit=False, confined=False, implicit=True)
         try:
             cgroupfs.move(call.path, pid)
@@ -114,10 +116,9 @@ class Births:
     def _new_call(
         self, session: Session, intent: Intent, report_exit: bool, confined: bool, implicit: bool
     ) -> ToolCall:
-        """Validate, derive limits, create the labelled cgroup with its knobs, watch and track it."""
+        """Derive limits from a valid intent, create the labelled cgroup with its knobs, watch and track it."""
         if session.deleting:
             raise FailedPrecondition(f"session {session.id!r} is being deleted")
-        validate_intent(intent, self.config)
         active = sum(1 for c in session.calls.values() if c.state != CallState.FINISHED)
         if active >= self.config.max_active_calls_per_session:
             raise ResourceExhausted(

@@ -67,6 +67,7 @@ class AutoCapture:
         self.network = Network.NONE if config.capture_network == "none" else Network.ANY
         self.timeout_seconds = config.capture_timeout_seconds
         engine.tracking.on_agent_exec = self.on_exec
+        engine.tracking.wants_execs = self.enabled_for  # sessions added from now on: made or adopted after this
         engine.tracking.wake_on_exec_of(self.rules.names())
 
     def enabled_for(self, session: Session) -> bool:

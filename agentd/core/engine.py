@@ -108,6 +108,7 @@ class Engine:
     def begin_call(
         self, session: Session, intent: Intent, report_exit: bool, confined: bool, held: Held | None = None
     ) -> tuple[ToolCall, str]:
+        """`intent` must have passed validate_intent (the API's check, made before admission)."""
         return self.births.begin(session, intent, report_exit, confined, held)
 
     def capture(self, session: Session, pid: int, intent: Intent, rule: str, exec_ns: int) -> ToolCall | None:

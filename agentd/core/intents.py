@@ -156,10 +156,8 @@ def check_pids(field_name: str, pids: int, config: Config) -> None:
 
 
 def check_enum(field_name: str, value: int, enum: type[IntEnum]) -> None:
-    try:
-        enum(value)
-    except ValueError:
-        raise InvalidArgument(field_name, f"unknown value {value}") from None
+    if value not in enum._value2member_map_:  # what enum(value) looks up first, without its call (~1 us)
+        raise InvalidArgument(field_name, f"unknown value {value}")
 
 
 def validate_intent(intent: Intent, config: Config) -> None:

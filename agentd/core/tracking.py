@@ -1,8 +1,9 @@
 """Process tracking with the lifecycle BPF program, in the engine's terms.
 
-The kernel reports forks, execs and exits of the cgroups added here (session agent/ leaves and tool-call
-leaves) and drops everything else. Events are read on the event loop when the ring buffer's fd is
-readable (an exec in an agent leaf of a basename given to wake_on_exec_of, or a backlog) and by drain(),
+The kernel reports execs in the session agent/ leaves and exits in the tool-call leaves added here, and only
+counts the rest (forks too; and the execs of sessions wants_execs refuses: no auto-capture for them). Events
+are read on the event loop when the ring buffer's fd is readable (an exec in an agent leaf of a basename given
+to wake_on_exec_of, or a backlog) and by drain(),
 which the engine calls before it finalises a call so that the exits of its processes are in. An exit gives
 a call the exit status of its first process; an exec in an agent leaf goes to on_agent_exec (auto-capture):
 at once if its basename was given to wake_on_exec_of, otherwise whenever the events are next read.
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ExecListener = Callable[[Session, ProcessEvent], None]
 NONE_COUNTED = ProcessCounters(0, 0, 0)
+COUNTED_ONLY = CgroupKind(0)  # a managed cgroup that reports nothing: its processes are only counted
 
 
 def _add(a: ProcessCounters, b: ProcessCounters) -> ProcessCounters:
@@ -46,6 +48,9 @@ class Tracking:
         self._session_of: dict[int, str] = {}  # session id of every tracked cgroup id
         self._ended: dict[str, ProcessCounters] = {}  # per tracked session: counts of its ended calls
         self.on_agent_exec: ExecListener | None = None
+        # Whether a session's agent leaf reports its execs to on_agent_exec (set with it; asked when the session is
+        # added): the leaves of the others only count theirs, and agentd pays nothing for an exec it would ignore.
+        self.wants_execs: Callable[[Session], bool] = lambda _session: True
         self._full_logged = False  # the "map is full" error was logged and no add succeeded since
         if tracker is not None:
             loop.add_reader(tracker.epoll_fd(), self.drain)
@@ -67,7 +72,8 @@ class Tracking:
 
     def add_session(self, session: Session) -> None:
         cgroup_id = cgroupfs.cgroup_id(session.agent_path)
-        if self._manage(cgroup_id, CgroupKind.AGENT_LEAF, session.id):
+        reports = self.on_agent_exec is not None and self.wants_execs(session)
+        if self._manage(cgroup_id, CgroupKind.AGENT_LEAF if reports else COUNTED_ONLY, session.id):
             self._agent_leaves[cgroup_id] = session
             self._ended[session.id] = NONE_COUNTED
 

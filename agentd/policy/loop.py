@@ -2,11 +2,10 @@
 
 Signals, event-driven through the core's one epoll (kernel/watch.py): a PSI trigger on the memory.pressure of
 sessions/ and of every session (where the kernel has PSI), and memory.events.local of each pressure domain.
-A signal runs a decision for every domain at once; while any domain is under pressure a tick repeats it every
-`tick_seconds`, and while the ladder only holds calls it must give back, every `recover_step_seconds`. Outside
-pressure a domain that runs tool calls is watched: one read of its memory.current every `watch_seconds`
-(watch_trips), a decision at once when that reading comes near the throttle reserve, and one at least every
-WATCH_MAX_SECONDS. Otherwise nothing polls.
+A signal runs a decision for every domain at once; while any domain is under pressure, or the ladder still
+holds calls it must give back, a tick repeats it every `tick_seconds`. Between episodes a domain that runs tool
+calls is watched: one read of its memory.current every `watch_seconds` (watch_trips), a decision only when that
+reading comes near the throttle reserve, and one at least every WATCH_MAX_SECONDS. Otherwise nothing polls.
 
 Pressure domains: sessions/ (every agent on the host; its limit is `sessions_memory_max`, or the smallest
 memory.max above it, or physical memory minus `host_reserve`) and each session with a memory budget.
@@ -286,14 +285,13 @@ class PolicyLoop:
         domain.held = held
         holding = any(mem.held for mem in domain.memory.calls.values())
         self._reactions.decided(domain.name, holding)
-        # Under pressure a decision every tick; while only giving back (recovery, one step per recover_step_seconds)
-        # the watch looks in between, as between episodes, and decides at once if pressure comes back.
-        domain.watched = not a.active and bool(views)
+        # Under pressure, or while the ladder holds calls (near the reserves, where the watch's short-window growth
+        # would trip a decision at nearly every look), a decision every tick; otherwise the watch.
+        ticking = a.active or holding
+        domain.watched = not ticking and bool(views)
         domain.looked = (a.usage, now)
-        if a.active:
+        if ticking:
             return self.config.tick_seconds
-        if holding:
-            return max(self.config.tick_seconds, self.config.recover_step_seconds)
         return WATCH_MAX_SECONDS if sessions else None
 
     def _carry_out(self, domain: Domain, action: Action, others: act.OtherHolds, now: float) -> None:

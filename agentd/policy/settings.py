@@ -59,8 +59,7 @@ class PolicyConfig:
         "size", "memory kept for the host and agentd when sessions/ has no memory.max of its own or above it"))
     # ----- signals (used by the loop's I/O side) -----
     tick_seconds: float = field(default=0.05, metadata=_key(
-        "float", "while pressure is active the loop decides this often (holding calls only: recover_step_seconds)",
-        0.005, 1.0))
+        "float", "while pressure is active (or calls are held) the loop decides this often", 0.005, 1.0))
     watch_seconds: float = field(default=0.02, metadata=_key(
         "float", "between episodes, a domain running tool calls has its memory.current read this often; a decision "
         "follows only when the reading nears the throttle reserve (nothing polls a domain without calls)",

@@ -55,9 +55,16 @@ class Connection(FramedRequests):
         self.busy = False  # a framed request is being handled: nothing more is read meanwhile
         self.pending: list[tuple[int, bytes]] = []  # frames read but not handled yet (no descriptor)
         self.beginning = 0  # BEGINs being handled: their pidfds count as HOLDs
+        self.reading = True  # registered with the loop for reads
         server.loop.add_reader(sock.fileno(), self.readable)
 
     def readable(self) -> None:
+        if self.busy:
+            # Nothing more is read until the framed request being handled is answered (its descriptors with it):
+            # the reader goes now that something came, not at every request (two epoll_ctl calls each).
+            self.server.loop.remove_reader(self.sock.fileno())
+            self.reading = False
+            return
         try:
             size = READ_SIZE if self.framed is False else FRAME_READ_SIZE
             data, ancdata, flags, _addr = self.sock.recvmsg(size, FD_SPACE)

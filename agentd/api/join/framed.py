@@ -50,6 +50,7 @@ class FramedRequests:
     placed: OrderedDict[str, None]
     token: str | None
     busy: bool
+    reading: bool
     pending: list[tuple[int, bytes]]
     beginning: int
     readable: Callable[[], None]
@@ -82,8 +83,9 @@ class FramedRequests:
         while self.pending and self.open and not self.busy:
             kind, payload = self.pending.pop(0)
             self._frame(kind, payload, fds if not self.pending else [])
-        if self.open and not self.busy:
+        if self.open and not self.busy and not self.reading:
             self.server.loop.add_reader(self.sock.fileno(), self.readable)
+            self.reading = True
 
     def _frame(self, kind: int, payload: bytes, fds: list[int]) -> None:
         if self.token is None and kind != HELLO:
@@ -172,9 +174,9 @@ class FramedRequests:
         self.server.answered()
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
-        """Handle a request that waits: nothing more is read until it is answered."""
+        """Handle a request that waits: nothing more is read until it is answered (readable() stops reading if
+        more comes meanwhile)."""
         self.busy = True
-        self.server.loop.remove_reader(self.sock.fileno())
 
         async def then_next() -> None:
             try:

@@ -1,8 +1,9 @@
 """Process lifecycle (fork, exec, exit) of managed cgroups, reported by bpf/lifecycle.bpf.c.
 
-The kernel side drops events of cgroups not added with add_cgroup(). Execs and exits are reported as
-events; forks (new processes, not threads) are only counted. Exits are thread-group leaders' (a leader
-that ends with pthread_exit while other threads run is reported then). Exec events carry what a capture
+The kernel side drops events of cgroups not added with add_cgroup(). Execs in AGENT_LEAF cgroups and exits
+in TOOL_CALL cgroups are reported as events; forks (new processes, not threads), execs in tool calls and exits
+in agent leaves are only counted (nobody reads them). Exits are thread-group leaders' (a leader that ends
+with pthread_exit while other threads run is reported then). Exec events carry what a capture
 rule needs: the new comm, the exec'd filename, the start of argv and the parent's pid and comm. Timestamps
 are CLOCK_MONOTONIC ns (time.monotonic_ns()).
 
@@ -49,11 +50,14 @@ class EventType(enum.IntEnum):
 
 
 class CgroupKind(enum.IntFlag):
-    AGENT_LEAF = 1  # execs here of set_wake_names() basenames wake the consumer at once
-    TOOL_CALL = 2
+    AGENT_LEAF = 1  # execs here are reported; those of set_wake_names() basenames wake the consumer at once
+    TOOL_CALL = 2  # exits here are reported
 
 
-_KINDS = {int(kind): kind for kind in CgroupKind}  # IntFlag(value) is slow; this is the hot path
+# Enum(value) and Enum.MEMBER are slow and this is the hot path (several events per tool call): looked up once.
+_TYPES = {int(kind): kind for kind in EventType}
+_KINDS = {int(kind): kind for kind in CgroupKind}
+_EXEC_EVENT, _EXIT_EVENT = EventType.EXEC, EventType.EXIT
 
 
 class ProcessCounters(NamedTuple):
@@ -96,12 +100,12 @@ class ProcessEvent:
 def decode_event(record: bytes) -> ProcessEvent:
     """Decode one ring buffer record (struct event, or struct exec_event for EXEC)."""
     kind, flags, ts_ns, cgroup_id, pid, tgid, ppid, status, comm, parent_comm = _HEADER.unpack_from(record)
-    event_type = EventType(kind)
+    event_type = _TYPES.get(kind) or EventType(kind)
     cgroup_kind = _KINDS.get(flags) or CgroupKind(flags)
-    if event_type is not EventType.EXEC:
+    if event_type is not _EXEC_EVENT:
         return ProcessEvent(
             event_type, ts_ns, cgroup_id, cgroup_kind, pid, tgid, ppid, _text(comm), _text(parent_comm),
-            wait_status=status if event_type is EventType.EXIT else 0,
+            wait_status=status if event_type is _EXIT_EVENT else 0,
         )
     args_size, filename, args = _EXEC.unpack_from(record, _HEADER.size)
     argv = args[: min(args_size, len(args))].split(b"\0")
