@@ -74,8 +74,10 @@ def test_a_running_call_without_its_start_label_is_adopted_running(daemon_factor
     d.start()
     with d.admin() as admin:
         sid, _ = create_session(admin, "nolabel")
-        admin.run(["true"], sid)  # afterwards the session has spare call cgroups, made ahead
+        ran = admin.run(["true"], sid)  # afterwards the session has spare call cgroups, made ahead
         session = d.session_path(sid)
+        # The finished call's cgroup reads as unlabelled once it is being removed: only then are the rest spares.
+        wait_for(lambda: not (session / f"tc-{ran.result.call_id}").exists())
         spares: list[Path] = []
 
         def spares_made() -> bool:
