@@ -119,7 +119,7 @@ def parse_flat_keyed(text: str | None) -> dict[str, int]:
     if text:
         for line in text.splitlines():
             key, _, value = line.partition(" ")
-            try:  # not contextlib.suppress: an object and two calls per line, on every call's and policy look's path
+            try:  # not contextlib.suppress: an object and two calls per line, on every call's and decision's path
                 out[key] = int(value)
             except ValueError:
                 continue

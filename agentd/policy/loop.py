@@ -286,7 +286,7 @@ class PolicyLoop:
         holding = any(mem.held for mem in domain.memory.calls.values())
         self._reactions.decided(domain.name, holding)
         # Under pressure, or while the ladder holds calls (near the reserves, where the watch's short-window growth
-        # would trip a decision at nearly every look), a decision every tick; otherwise the watch.
+        # can trip a decision at most looks), a decision every tick; otherwise the watch.
         ticking = a.active or holding
         domain.watched = not ticking and bool(views)
         domain.looked = (a.usage, now)
