@@ -28,7 +28,7 @@ from agentd.client import Client
 
 pytestmark = pytest.mark.guest
 MIB = 1 << 20
-LIMIT = 512 * MIB  # sessions/ memory.max: reserves throttle 32 MiB, freeze 20, kill 12, emergency 8, recover 48
+LIMIT = 512 * MIB  # sessions/ memory.max: reserves throttle 64 MiB, freeze 40, kill 24, emergency 16, recover 96
 OWN = 432  # MiB the LOW call declares (its own memory.high): it fits the empty domain, and it never reaches it
 TIMEOUT = 240.0  # generous: Python under TCG is ~10x slower
 
@@ -48,6 +48,32 @@ while len(kept) * chunk < total:
 end = time.monotonic() + hold
 while time.monotonic() < end and not os.path.exists(release):
     time.sleep(0.05)
+"""
+
+# Grows by `chunk` MiB every `pause` s up to `cap` MiB until <ctl>.stop exists; on <ctl>.drop frees `drop` MiB; on
+# <ctl>.regrow grows again up to `cap`; holds until <ctl>.release. Anonymous mmaps, so a free returns the memory
+# to the kernel at once (a malloc'd heap may keep it).
+STEPS = """
+import mmap, os, sys, time
+chunk, pause, cap, drop, ctl = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+block, kept = b"x" * (1 << 20), []
+def grow(until):
+    while len(kept) * chunk < cap and not os.path.exists(until):
+        m = mmap.mmap(-1, chunk << 20)
+        for off in range(0, chunk << 20, 1 << 20):
+            m[off:off + (1 << 20)] = block
+        kept.append(m)
+        time.sleep(pause)
+def wait(flag):
+    while not os.path.exists(flag):
+        time.sleep(0.02)
+grow(ctl + ".stop")
+wait(ctl + ".drop")
+for _ in range(drop // chunk):
+    kept.pop().close()
+wait(ctl + ".regrow")
+grow(ctl + ".release")
+wait(ctl + ".release")
 """
 
 
@@ -479,3 +505,51 @@ def test_a_run_queued_by_admission_longer_than_a_hold_lives_still_starts(
     assert queued, outcome  # it really waited in the queue past the HOLD's life
     assert "error" not in outcome, outcome["error"]
     assert outcome["done"].result.outcome == pb.OUTCOME_OK and outcome["done"].exit_code == 0
+
+
+def test_an_episode_the_held_calls_already_answer_measures_no_reaction(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Reaction time is from an episode's onset to the ladder's answer. A LOW call frozen in a first episode is
+    still held (a long recover dwell) when pressure clears and comes back: the second episode's first decision
+    ends with the call held, which is its answer, so the kill that comes later carries no reaction time. Found by
+    setup B: a kill 2 s into such an episode was logged as a 2006 ms reaction."""
+    d = daemon_factory(policy={"sessions_memory_max": LIMIT, "recover_dwell_seconds": 600.0,
+                               "max_throttle_seconds": 0.5, "max_freeze_seconds": 600.0,
+                               "reserve_declared": False}).start()
+    ctl = str(tmp_path / "high")
+    with d.admin() as admin:
+        high, _ = create_session(admin, priority=pb.PRIORITY_HIGH)
+        low, _ = create_session(admin, priority=pb.PRIORITY_LOW)
+        watch = Watch(admin.watch_policy())
+        lo = start(admin, d, low, begin(admin, d, low, 256), tmp_path, 192, chunk=16, pause=0.05)
+        high_call = begin(admin, d, high, 320)
+        hi_pid = -1
+        try:
+            wait_for(lambda: lo.allocated() >= 192, timeout=TIMEOUT)
+            hi_pid = admin.spawn(high_call, [sys.executable, "-c", STEPS, "4", "0.15", "400", "96", ctl])
+            wait_for(lambda: "freeze" in watch.kinds(lo.begun.call_id), timeout=TIMEOUT)
+            Path(ctl + ".stop").touch()
+            Path(ctl + ".drop").touch()
+            wait_for(lambda: "clear" in watch.kinds(), timeout=TIMEOUT)
+            assert lo.knob("cgroup.freeze") == "1"  # still held: the dwell is long
+            Path(ctl + ".regrow").touch()
+            low_result = lo.result()
+            Path(ctl + ".release").touch()
+            high_result = admin.wait(high_call.call_id, timeout=TIMEOUT)
+        finally:
+            for flag in ("stop", "drop", "regrow", "release"):
+                Path(f"{ctl}.{flag}").touch()
+            lo.let_go()
+            watch.stop()
+            if hi_pid > 0:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(hi_pid, 0)
+    kinds = watch.kinds()
+    assert kinds.count("pressure") >= 2 and kinds.index("clear") < len(kinds) - 1 - kinds[::-1].index("pressure")
+    assert low_result.outcome == pb.OUTCOME_KILLED_BY_POLICY, low_result.feedback
+    assert high_result.outcome == pb.OUTCOME_OK and list(high_result.policy_actions) == []
+    lines = log_actions(d, lo.begun.call_id)
+    assert lines[0]["action"] in ("throttle", "freeze") and lines[0]["reaction_ms"] is not None, lines[0]
+    assert lines[-1]["action"] == "kill", lines[-1]
+    assert all(line["reaction_ms"] is None for line in lines[1:]), [(x["action"], x["reaction_ms"]) for x in lines]
