@@ -17,7 +17,6 @@ from agentd.core.sessions import Priority
 from agentd.policy.admission import AdmissionRequest, Verdict, admit, admit_queue
 from agentd.policy.assess import reserves
 from agentd.policy.ladder import decide, throttle_target
-from agentd.policy.loop import watch_trips
 from agentd.policy.model import (
     Action,
     ActionKind,
@@ -30,6 +29,7 @@ from agentd.policy.model import (
     SessionPressure,
     rank,
 )
+from agentd.policy.pace import watch_trips
 from agentd.policy.settings import PolicyConfig, PolicyConfigError, describe, from_table, policy_keys
 from agentd.policy.victims import victim_order
 

@@ -4,8 +4,9 @@ Signals, event-driven through the core's one epoll (kernel/watch.py): a PSI trig
 sessions/ and of every session (where the kernel has PSI), and memory.events.local of each pressure domain.
 A signal runs a decision for every domain at once; while any domain is under pressure, or the ladder still
 holds calls it must give back, a tick repeats it every `tick_seconds`. Between episodes a domain that runs tool
-calls is watched: one read of its memory.current every `watch_seconds` (watch_trips), a decision only when that
-reading comes near the throttle reserve, and one at least every WATCH_MAX_SECONDS. Otherwise nothing polls.
+calls is watched: its memory.current is read every `watch_seconds` near the throttle reserve, less often further
+from it (pace.py), a decision only when a reading comes near the reserve, and one at least every
+WATCH_MAX_SECONDS. Otherwise nothing polls.
 
 Pressure domains: sessions/ (every agent on the host; its limit is `sessions_memory_max`, or the smallest
 memory.max above it, or physical memory minus `host_reserve`) and each session with a memory budget.
@@ -28,12 +29,14 @@ from agentd.core.errors import ResourceExhausted
 from agentd.core.intents import Intent, derive_limits
 from agentd.core.sessions import Priority, Session
 from agentd.kernel import cgroupfs
+from agentd.kernel.fault_rate import page_fault_rate, usable_cpus
 from agentd.kernel.watch import reread
 from agentd.policy import act
 from agentd.policy.admission import AdmissionRequest, Verdict, admit
 from agentd.policy.events import Hub, PolicyEvent
 from agentd.policy.ladder import decide
 from agentd.policy.model import Action, ActionKind, Assessment, CallView, LadderMemory
+from agentd.policy.pace import max_growth, watch_delay, watch_onset, watch_trips
 from agentd.policy.reaction import ReactionClock
 from agentd.policy.settings import PolicyConfig, reserve
 from agentd.policy.snapshot import (
@@ -114,6 +117,7 @@ class PolicyLoop:
     _signal_at: float | None = None  # the earliest pressure signal not yet acted on (monotonic)
     _decided_at: float | None = None  # the previous look at the domains, a decision or the watch's (monotonic)
     _reactions: ReactionClock = field(default_factory=ReactionClock)
+    _max_growth: float = 0.0  # bytes/s: the watch's pace (pace.py)
     _decided: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,7 @@ class PolicyLoop:
                                   "memory_enforced": "memory" in engine.caps.enforced})
         if not config.enabled:
             return
+        self._max_growth = self._growth_bound()
         sessions = engine.tree.sessions
         if config.sessions_memory_max and "memory" in engine.caps.enforced:
             cgroupfs.apply_knobs(sessions, {"memory.max": str(config.sessions_memory_max)}, engine.caps.enforced)
@@ -144,6 +149,16 @@ class PolicyLoop:
         log.info("pressure domain", extra={"domain": SESSIONS_DOMAIN, "limit": limit,
                                            "sessions_memory_max": config.sessions_memory_max})
         self.wake("start")  # a first look: pressure may predate this start
+
+    def _growth_bound(self) -> float:
+        if self.config.watch_max_growth:
+            log.info("policy watch pace", extra={"max_growth": self.config.watch_max_growth, "measured": False})
+            return float(self.config.watch_max_growth)
+        rate, cpus = page_fault_rate(), usable_cpus()
+        bound = max_growth(rate, cpus)
+        log.info("policy watch pace", extra={"max_growth": round(bound), "measured": True,
+                                             "fault_rate": round(rate), "cpus": cpus})
+        return bound
 
     def session_added(self, session: Session) -> None:
         if self.engine.caps.psi_triggers and session.spec.priority != Priority.LOW:
@@ -204,7 +219,8 @@ class PolicyLoop:
             self._scheduled = True
             self.engine.loop.call_soon(self._decide_all)
 
-    def _decide_all(self) -> None:
+    def _decide_all(self, onset: float | None = None) -> None:
+        """`onset`: when the pressure the watch found began (a signal's time comes first)."""
         self._scheduled = False
         for handle in (self._tick, self._watch):
             if handle is not None:
@@ -212,8 +228,12 @@ class PolicyLoop:
         self._tick = self._watch = None
         now = time.monotonic()
         signal_at, self._signal_at = self._signal_at, None
-        # Without a signal (a tick found it) pressure began at the latest since the previous look.
-        onset = signal_at if signal_at is not None else (self._decided_at or now)
+        # Without a signal or the watch's estimate (a tick found it) pressure began at the latest since the previous
+        # look.
+        if signal_at is not None:
+            onset = signal_at
+        elif onset is None:
+            onset = self._decided_at or now
         self._decided_at = now
         delays = []
         for domain in list(self.domains.values()):
@@ -231,8 +251,11 @@ class PolicyLoop:
         self._arm_watch()
 
     def _arm_watch(self) -> None:
-        if any(domain.watched for domain in self.domains.values()):
-            self._watch = self.engine.loop.call_later(self.config.watch_seconds, self._look)
+        delays = [watch_delay(domain.last, domain.looked[0] if domain.looked else domain.last.usage,
+                              self._max_growth, self.config)
+                  for domain in self.domains.values() if domain.watched and domain.last is not None]
+        if delays:
+            self._watch = self.engine.loop.call_later(min(delays), self._look)
 
     def _look(self) -> None:
         """The watch: one memory.current per watched domain; a decision for all when one comes near pressure."""
@@ -244,8 +267,10 @@ class PolicyLoop:
             usage = max(cgroupfs.memory_current(domain.path, self._files), 0)
             previous, domain.looked = domain.looked, (usage, now)
             if watch_trips(domain.last, usage, previous, now, self.config):
-                log.debug("policy watch", extra={"domain": domain.name, "usage": usage})
-                self._decide_all()  # pressure began at the latest since the previous look
+                onset = watch_onset(domain.last, usage, previous, now, self.config)
+                log.debug("policy watch", extra={"domain": domain.name, "usage": usage, "onset_s_ago":
+                                                 None if onset is None else round(now - onset, 4)})
+                self._decide_all(onset)
                 return
         self._decided_at = now
         self._arm_watch()
@@ -439,18 +464,6 @@ ESCALATION = (ActionKind.THROTTLE, ActionKind.FREEZE, ActionKind.KILL)
 def held_sessions(memory: LadderMemory, views: list[CallView]) -> set[str]:
     """The sessions of which the ladder holds a call (throttled, frozen or killed)."""
     return {view.session_id for view in views if memory.call(view.id).held}
-
-
-def watch_trips(last: Assessment, usage: int, previous: tuple[int, float] | None, now: float,
-                config: PolicyConfig) -> bool:
-    """Whether the watch's reading calls for a decision: the headroom it reads, minus the lookahead at the growth
-    since the previous reading and the claim of the previous decision, is below the throttle reserve (the
-    decision's own projection counts no more growth than that, so nothing that would be pressure is missed)."""
-    growth = 0.0
-    if previous is not None and now > previous[1]:
-        growth = max((usage - previous[0]) / (now - previous[1]), 0.0)
-    projected = last.limit - usage - growth * config.lookahead_seconds - last.claimed
-    return projected < last.reserves["throttle"]
 
 
 def _event(a: Assessment, kind: str, *, session_id: str = "", call_id: str = "", call_usage: int = 0,

@@ -61,9 +61,14 @@ class PolicyConfig:
     tick_seconds: float = field(default=0.05, metadata=_key(
         "float", "while pressure is active (or calls are held) the loop decides this often", 0.005, 1.0))
     watch_seconds: float = field(default=0.02, metadata=_key(
-        "float", "between episodes, a domain running tool calls has its memory.current read this often; a decision "
-        "follows only when the reading nears the throttle reserve (nothing polls a domain without calls)",
+        "float", "between episodes, a domain running tool calls near its throttle reserve has its memory.current "
+        "read this often (less often further from it: watch_max_growth); a decision follows only when the reading "
+        "nears the reserve (nothing polls a domain without calls)",
         0.005, 1.0))
+    watch_max_growth: int = field(default=0, metadata=_key(
+        "size", "the fastest (bytes/s) a domain is taken to grow: the watch reads again before growth at this rate "
+        "could bring the headroom near the throttle reserve (every watch_seconds near it, at most every 0.25 s far "
+        "from it); 0 = measured at start: the kernel's page-fault rate on one CPU x usable CPUs x 2"))
     psi_stall_us: int = field(default=50_000, metadata=_key(
         "int", "PSI trigger: stall (µs of 'some' memory stall) within the window that wakes the loop", 1000,
         10_000_000))
