@@ -29,7 +29,7 @@ from agentd.policy.model import (
     SessionPressure,
     rank,
 )
-from agentd.policy.pace import watch_trips
+from agentd.policy.pace import Reading, watch_growth, watch_trips
 from agentd.policy.settings import PolicyConfig, PolicyConfigError, describe, from_table, policy_keys
 from agentd.policy.victims import victim_order
 
@@ -438,17 +438,26 @@ def test_a_higher_calls_unused_declaration_holds_the_lower_tier_by_throttling_on
 
 def test_the_watch_decides_only_near_the_throttle_reserve_and_on_fast_growth() -> None:
     calls = [call("low", LOW, 600 * M)]
-    last = decide(domain(700 * M, calls), calls, CONFIG, 0.0, LadderMemory()).assessment
+    decision = decide(domain(600 * M, calls), calls, CONFIG, 0.0, LadderMemory())
+    last, memory = decision.assessment, decision.memory
     throttle = last.reserves["throttle"]
     calm = LIMIT - throttle - 50 * M
-    assert not watch_trips(last, calm, None, 1.0, CONFIG)
-    assert not watch_trips(last, calm, (calm - M, 0.98), 1.0, CONFIG)  # 50 MiB/s: 10 MiB within the lookahead
-    assert watch_trips(last, calm, (calm - 20 * M, 0.98), 1.0, CONFIG)  # 1 GiB/s: 200 MiB within the lookahead
-    assert watch_trips(last, LIMIT - throttle + M, (LIMIT - throttle + M, 0.98), 1.0, CONFIG)
+
+    def trips(usage: int, readings: tuple[Reading, ...], now: float) -> bool:
+        return watch_trips(last, usage, watch_growth(memory, readings, usage, now, CONFIG), CONFIG)
+
+    # The decision's sample (600 MiB at 0.0) is part of what a reading is judged by: 1 s later at `calm` the
+    # domain grew 322 MiB/s, 64 MiB within the lookahead, more than the 50 MiB of margin.
+    assert trips(calm, (), 1.0)
+    quiet = ((calm - M, 0.8),)
+    later = replace(memory, last_usage=calm - M, last_seen=0.8)
+    assert not watch_trips(last, calm, watch_growth(later, quiet, calm, 1.0, CONFIG), CONFIG)  # 5 MiB/s
+    fast = ((calm - 200 * M, 0.8),)  # 1 GiB/s over 0.2 s: 200 MiB within the lookahead
+    assert watch_trips(last, calm, watch_growth(later, fast, calm, 1.0, CONFIG), CONFIG)
+    assert watch_trips(last, LIMIT - throttle + M, 0.0, CONFIG)
     # What the watch lets pass, the decision would not call pressure either (same usage, same growth).
-    memory = decide(domain(calm - M, calls), calls, CONFIG, 0.9, LadderMemory()).memory
     grown = [replace(calls[0], usage=600 * M + M)]
-    assert not decide(domain(calm, grown), grown, CONFIG, 1.0, memory).assessment.active
+    assert not decide(domain(calm, grown), grown, CONFIG, 1.0, later).assessment.active
 
 
 # ----- rung 4: recovery -----

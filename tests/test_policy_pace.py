@@ -3,14 +3,26 @@ this kernel)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agentd.kernel.fault_rate import page_fault_rate, usable_cpus
-from agentd.policy.model import Assessment, Level
-from agentd.policy.pace import WATCH_PACE_MAX_SECONDS, margin, max_growth, watch_delay, watch_onset, watch_trips
+from agentd.policy.ladder import decide
+from agentd.policy.model import Assessment, DomainState, LadderMemory, Level
+from agentd.policy.pace import (
+    WATCH_PACE_MAX_SECONDS,
+    Reading,
+    margin,
+    max_growth,
+    remember,
+    watch_delay,
+    watch_growth,
+    watch_onset,
+    watch_trips,
+)
 from agentd.policy.settings import PolicyConfig
 
 M = 1 << 20
@@ -47,12 +59,83 @@ def test_no_growth_within_the_bound_trips_the_watch_before_its_next_reading(
     the watch by the next reading (unless it is already read as often as watch_seconds allows)."""
     a = last(claimed)
     delay = watch_delay(a, usage, bound, CONFIG)
-    if delay <= CONFIG.watch_seconds or watch_trips(a, usage, None, 0.0, CONFIG):
+    if delay <= CONFIG.watch_seconds or watch_trips(a, usage, 0.0, CONFIG):
         return
     growth = bound * share
     for t in (delay / 4, delay / 2, delay):
         grown = usage + int(growth * t)
-        assert not watch_trips(a, grown, (usage, 0.0), t, CONFIG), (t, grown, margin(a, grown))
+        judged = watch_growth(LadderMemory(), ((usage, 0.0),), grown, t, CONFIG)
+        assert not watch_trips(a, grown, judged, CONFIG), (t, grown, margin(a, grown), judged)
+
+
+def readings_every(step: float, until: float, usage_at: dict[float, int], base: int) -> tuple[Reading, ...]:
+    """The watch's readings every `step` seconds up to `until` (excluded): `base`, or usage_at's value from its
+    time on."""
+    kept: tuple[Reading, ...] = ()
+    t = 0.0
+    while t < until - 1e-9:
+        usage = base
+        for since, value in sorted(usage_at.items()):
+            if t >= since - 1e-9:
+                usage = value
+        kept = remember(kept, usage, t, CONFIG)
+        t = round(t + step, 6)
+    return kept
+
+
+def test_one_allocation_step_between_two_readings_does_not_trip_the_watch_but_sustained_growth_does() -> None:
+    """The watch judged a reading by the growth since the previous one, 20 ms before: one 10 MiB step read as
+    500 MiB/s, 100 MiB within the lookahead, and bought a decision that found no pressure. Over the decision's
+    window (half the lookahead) it is 100 MiB/s."""
+    a = last()
+    usage = LIMIT - RESERVE - 60 * M  # 60 MiB of margin
+    memory = LadderMemory(last_usage=usage, last_seen=0.0)
+    steady = readings_every(0.02, 0.5, {}, usage)
+    stepped = usage + 10 * M
+    assert (stepped - usage) / 0.02 * CONFIG.lookahead_seconds > 60 * M  # what the 20 ms growth projected
+    growth = watch_growth(memory, steady, stepped, 0.5, CONFIG)
+    assert growth <= 10 * M / (CONFIG.lookahead_seconds / 2) + 1
+    assert not watch_trips(a, stepped, growth, CONFIG)
+    # Growing at 1 GiB/s for 0.1 s: judged over 0.1-0.12 s, ~0.8 GiB/s, 170 MiB within the lookahead: it trips.
+    ramp = {0.5 + i * 0.02: usage + int(G * i * 0.02) for i in range(1, 6)}
+    climbing = readings_every(0.02, 0.6, ramp, usage)
+    now_usage = usage + int(G * 0.1)
+    growth = watch_growth(replace(memory, last_seen=0.45), climbing, now_usage, 0.6, CONFIG)
+    assert growth >= 0.8 * G
+    assert watch_trips(a, now_usage, growth, CONFIG)
+
+
+def test_the_watch_keeps_only_the_readings_its_window_needs() -> None:
+    kept = readings_every(0.02, 2.0, {}, 500 * M)
+    window = CONFIG.lookahead_seconds / 2
+    newest = kept[-1][1]
+    assert newest - kept[0][1] >= window  # one reading at least the window old
+    assert newest - kept[1][1] < window  # and only one
+    assert len(kept) <= window / 0.02 + 2
+    # Readings far apart: the previous one is old enough on its own.
+    assert remember(((500 * M, 0.0),), 501 * M, 0.25, CONFIG) == ((500 * M, 0.0), (501 * M, 0.25))
+    assert remember(((500 * M, 0.0), (501 * M, 0.25)), 502 * M, 0.5, CONFIG) == ((501 * M, 0.25), (502 * M, 0.5))
+
+
+@given(sample=st.integers(0, LIMIT), sample_age=st.floats(0.0, 2.0), last_growth=st.floats(-G, 4 * G),
+       earlier=st.lists(st.tuples(st.integers(0, LIMIT), st.floats(0.001, 1.0)), max_size=8),
+       usage=st.integers(0, LIMIT))
+def test_what_the_decision_calls_pressure_the_watch_never_lets_pass(
+    sample: int, sample_age: float, last_growth: float, earlier: list[tuple[int, float]], usage: int
+) -> None:
+    """Whatever the readings, a reading at which the decision's projection is below the throttle reserve trips
+    the watch (no calls: the projection is the plain one; no claim, stall or events)."""
+    now = 10.0
+    memory = LadderMemory(last_usage=sample, last_seen=now - sample_age, growth=last_growth)
+    state = DomainState("sessions", LIMIT, usage)
+    previous = decide(DomainState("sessions", LIMIT, sample), [], CONFIG, now - sample_age - 0.001,
+                      LadderMemory()).assessment
+    readings: tuple[Reading, ...] = ()
+    for value, age in sorted(earlier, key=lambda r: -r[1]):
+        readings = remember(readings, value, now - age, CONFIG)
+    decided = decide(state, [], CONFIG, now, memory).assessment
+    if decided.projected_headroom < decided.reserves["throttle"]:
+        assert watch_trips(previous, usage, watch_growth(memory, readings, usage, now, CONFIG), CONFIG)
 
 
 def test_the_onset_is_where_the_projection_crossed_the_reserve_between_two_readings() -> None:
@@ -60,13 +143,18 @@ def test_the_onset_is_where_the_projection_crossed_the_reserve_between_two_readi
     # At the previous reading 100 MiB of margin; 1 GiB/s since: the projection (200 MiB of lookahead) was past
     # the reserve already then.
     before = LIMIT - RESERVE - 100 * M
-    assert watch_onset(a, before + 100 * M, (before, 1.0), 1.1, CONFIG) == 1.0
+    assert watch_onset(a, before + 100 * M, G, (before, 1.0), 1.1, CONFIG) == 1.0
     # 300 MiB of margin, 500 MiB/s: the projection had 200 MiB to go, crossed 0.4 s after the previous reading.
     before = LIMIT - RESERVE - 300 * M
-    onset = watch_onset(a, before + 250 * M, (before, 1.0), 1.5, CONFIG)
+    half = 500 * M
+    onset = watch_onset(a, before + 250 * M, half, (before, 1.0), 1.5, CONFIG)
     assert onset is not None and abs(onset - 1.4) < 1e-9
-    assert watch_onset(a, before, (before, 1.0), 1.5, CONFIG) == 1.0  # no growth: what changed is not the usage
-    assert watch_onset(a, before, None, 1.5, CONFIG) is None
+    # The growth judged over a longer window (250 MiB/s, 50 MiB of lookahead): 250 MiB to go of the 250 MiB read
+    # since, crossed at this reading.
+    onset = watch_onset(a, before + 250 * M, 250 * M, (before, 1.0), 1.5, CONFIG)
+    assert onset is not None and abs(onset - 1.5) < 1e-9
+    assert watch_onset(a, before, half, (before, 1.0), 1.5, CONFIG) == 1.0  # no growth: what changed is not usage
+    assert watch_onset(a, before, half, None, 1.5, CONFIG) is None
 
 
 def test_the_growth_bound_is_every_cpu_faulting_with_a_margin() -> None:

@@ -36,7 +36,7 @@ from agentd.policy.admission import AdmissionRequest, Verdict, admit
 from agentd.policy.events import Hub, PolicyEvent
 from agentd.policy.ladder import decide
 from agentd.policy.model import Action, ActionKind, Assessment, CallView, LadderMemory
-from agentd.policy.pace import max_growth, watch_delay, watch_onset, watch_trips
+from agentd.policy.pace import Reading, max_growth, remember, watch_delay, watch_growth, watch_onset, watch_trips
 from agentd.policy.reaction import ReactionClock
 from agentd.policy.settings import PolicyConfig, reserve
 from agentd.policy.snapshot import (
@@ -92,7 +92,7 @@ class Domain:
     held: set[str] = field(default_factory=set)  # sessions the ladder held a call of at the previous decision
     announced: bool = False  # "pressure" was published and "clear" not yet
     watched: bool = False  # it runs calls and is not ticking: watched between decisions
-    looked: tuple[int, float] | None = None  # the watch's previous reading: usage, when
+    readings: tuple[Reading, ...] = ()  # the watch's and decisions' recent readings (pace.remember)
     limit_chain: tuple[str, ...] = ()  # sessions/: where a memory.max above it can bound it
 
 
@@ -251,7 +251,7 @@ class PolicyLoop:
         self._arm_watch()
 
     def _arm_watch(self) -> None:
-        delays = [watch_delay(domain.last, domain.looked[0] if domain.looked else domain.last.usage,
+        delays = [watch_delay(domain.last, domain.readings[-1][0] if domain.readings else domain.last.usage,
                               self._max_growth, self.config)
                   for domain in self.domains.values() if domain.watched and domain.last is not None]
         if delays:
@@ -265,11 +265,13 @@ class PolicyLoop:
             if not domain.watched or domain.last is None:
                 continue
             usage = max(cgroupfs.memory_current(domain.path, self._files), 0)
-            previous, domain.looked = domain.looked, (usage, now)
-            if watch_trips(domain.last, usage, previous, now, self.config):
-                onset = watch_onset(domain.last, usage, previous, now, self.config)
-                log.debug("policy watch", extra={"domain": domain.name, "usage": usage, "onset_s_ago":
-                                                 None if onset is None else round(now - onset, 4)})
+            growth = watch_growth(domain.memory, domain.readings, usage, now, self.config)
+            previous = domain.readings[-1] if domain.readings else None
+            domain.readings = remember(domain.readings, usage, now, self.config)
+            if watch_trips(domain.last, usage, growth, self.config):
+                onset = watch_onset(domain.last, usage, growth, previous, now, self.config)
+                log.debug("policy watch", extra={"domain": domain.name, "usage": usage, "growth": round(growth),
+                                                 "onset_s_ago": None if onset is None else round(now - onset, 4)})
                 self._decide_all(onset)
                 return
         self._decided_at = now
@@ -310,11 +312,11 @@ class PolicyLoop:
         domain.held = held
         holding = any(mem.held for mem in domain.memory.calls.values())
         self._reactions.decided(domain.name, holding)
-        # Under pressure, or while the ladder holds calls (near the reserves, where the watch's short-window growth
-        # can trip a decision at most looks), a decision every tick; otherwise the watch.
+        # Under pressure, or while the ladder holds calls (near the reserves, where the watch would trip a decision
+        # at most looks anyway), a decision every tick; otherwise the watch.
         ticking = a.active or holding
         domain.watched = not ticking and bool(views)
-        domain.looked = (a.usage, now)
+        domain.readings = remember(domain.readings, a.usage, now, self.config)
         if ticking:
             return self.config.tick_seconds
         return WATCH_MAX_SECONDS if sessions else None
