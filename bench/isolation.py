@@ -21,7 +21,8 @@ denominators of that round's ratios, measured minutes apart at most on a host wh
 
 Per setup, limit and configuration: survival (runs in which every session completed), sessions completed, HIGH
 completed, HIGH duration / solo, HIGH P95 and P99 allocation latency / solo, LOW duration / solo (medians over
-runs), kills and their kind, and the policy's reaction p50/p99 when agentd logs it (a `reaction_ms` field).
+runs; a duration counts the wait before the replayer ran, an admission queue say, not its own start-up:
+task_duration), kills and their kind, and the policy's reaction p50/p99 when agentd logs it (a `reaction_ms` field).
 A timeline PNG per setup, limit and configuration (its first run): memory per session, limit, kills and policy
 actions. Results in --out (results.json, the raw replays, the PNGs). The last line, for setup A with the best
 agentd configuration that ran (policy-on, else policy-off, else static, else none):
@@ -172,10 +173,10 @@ class RunRecord:
     agentd_cpu: float = math.nan  # agentd's CPU time over the run, in CPUs (seconds of CPU per second)
 
 
-def replay_argv(m: Member, speedup: float, start_at: float, out: Path) -> list[str]:
+def replay_argv(m: Member, speedup: float, start_at: float, out: Path, requested_at: float) -> list[str]:
     python = shutil.which("python3") or sys.executable  # Debian's python3: the replayer needs nothing else
     return [python, str(HERE / "replay.py"), str(m.trace), "--base", str(BASE), "--speedup", str(speedup),
-            "--start-at", f"{start_at:.6f}", "--out", str(out)]
+            "--start-at", f"{start_at:.6f}", "--requested-at", f"{requested_at:.6f}", "--out", str(out)]
 
 
 def load_replay(path: Path) -> dict[str, Any] | None:
@@ -247,7 +248,7 @@ def _run_plain_in(setup: str, members: Sequence[Member], limit: int, config: str
             # The shell moves itself into the leaf, then execs the replayer: it runs there from its first byte.
             procs[m.name] = subprocess.Popen(
                 ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', f"{leaves[m.name]}/cgroup.procs",
-                 *replay_argv(m, speedup, start_at, rundir / f"{m.name}.json")], stdout=log, stderr=log)
+                 *replay_argv(m, speedup, start_at, rundir / f"{m.name}.json", t0)], stdout=log, stderr=log)
 
     def done() -> bool:
         for name, proc in procs.items():
@@ -490,7 +491,7 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
         client = Client(str(daemon.admin_socket), timeout=120)
         deadline = start_at + run_timeout(members, speedup)
         try:
-            argv = replay_argv(m, speedup, start_at, rundir / f"{m.name}.json")
+            argv = replay_argv(m, speedup, start_at, rundir / f"{m.name}.json", t0)
             while True:
                 try:
                     done = client.run(argv, session_id=ids[m.name], tool="replay",
@@ -548,9 +549,13 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
 
 
 def task_duration(replay: dict[str, Any]) -> float:
-    """A session's time from the common start to its end: the replay plus how late it began (an admission wait
-    or a retry counts against it, as it would against an agent's task)."""
-    return float(replay["duration"]) + float(replay.get("late_start", 0.0))
+    """A session's time from the common start to its end: the replay plus the wait before its process existed
+    (an admission queue or a retried refusal counts against it, as it would against an agent's task). Not the
+    replayers' own start-up beyond the lead: three interpreters starting at once on the emulator's two vCPUs took
+    0-11 s more than the solo's in every configuration alike, none included, and one replay's late start moved
+    HIGH's ratio by up to 0.8. Results from before start_wait existed count all of late_start."""
+    wait = replay.get("start_wait")
+    return float(replay["duration"]) + float(replay.get("late_start", 0.0) if wait is None else wait)
 
 
 def median(values: Sequence[float]) -> float:
@@ -675,7 +680,8 @@ def record_json(run: RunRecord) -> dict[str, Any]:
             "outcomes": [{"member": o.member.name, "role": o.member.role, "trace": o.member.trace.name,
                           "survived": o.survived, "kind": o.kind, "ended": o.ended,
                           "duration": task_duration(o.replay) if o.replay else None,
-                          "late_start": o.replay.get("late_start") if o.replay else None, "retries": o.retries,
+                          "late_start": o.replay.get("late_start") if o.replay else None,
+                          "start_wait": o.replay.get("start_wait") if o.replay else None, "retries": o.retries,
                           "summary": o.replay["summary"] if o.replay else None} for o in run.outcomes]}
 
 

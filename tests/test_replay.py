@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,28 @@ def test_replay_writes_steps_and_duration(tmp_path: Path) -> None:
     assert all(s["bytes"] <= 32 * MIB for s in result["steps"])
     assert result["summary"]["grow_steps"] == kinds.count("grow")
     assert [c["tool"] for c in result["calls"]] == ["Edit", "Bash", "Read"]
+
+
+def test_a_replayer_charges_the_wait_before_it_ran_not_its_own_start_up(tmp_path: Path) -> None:
+    """start_wait is the time from the harness's request until the replayer ran; late_start also counts its own
+    start-up (the base here takes a while), which the task duration does not."""
+    import isolation
+
+    synthetic(tmp_path)
+    out = tmp_path / "out.json"
+    requested = time.monotonic()
+    time.sleep(1.0)  # an admission queue, say
+    start_at = time.monotonic()  # the common start: already due when the replayer runs
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "replay.py"), str(tmp_path / "t"), "--base",
+                           "256M", "--speedup", "20", "--start-at", f"{start_at:.6f}", "--requested-at",
+                           f"{requested:.6f}", "--out", str(out)], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert 1.0 <= result["start_wait"] < result["late_start"] + 1.0
+    assert result["late_start"] > 0  # the interpreter and the 256 MiB base came after the start
+    assert isolation.task_duration(result) == pytest.approx(result["duration"] + result["start_wait"])
+    del result["start_wait"]  # results from before start_wait: all of late_start counts
+    assert isolation.task_duration(result) == pytest.approx(result["duration"] + result["late_start"])
 
 
 def test_replay_reports_a_bad_trace(tmp_path: Path) -> None:
