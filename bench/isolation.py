@@ -21,8 +21,9 @@ denominators of that round's ratios, measured minutes apart at most on a host wh
 
 Per setup, limit and configuration: survival (runs in which every session completed), sessions completed, HIGH
 completed, HIGH duration / solo, HIGH P95 and P99 allocation latency / solo, LOW duration / solo (medians over
-runs; a duration counts the wait before the replayer ran, an admission queue say, not its own start-up:
-task_duration), kills and their kind, and the policy's reaction p50/p99 when agentd logs it (a `reaction_ms` field).
+runs; a duration counts a late start only as far as the wait before its tool call began, an admission queue
+say, not the replayers' own start-up: charge_wait), kills and their kind, and the policy's reaction p50/p99 when
+agentd logs it (a `reaction_ms` field).
 A timeline PNG per setup, limit and configuration (its first run): memory per session, limit, kills and policy
 actions. Results in --out (results.json, the raw replays, the PNGs). The last line, for setup A with the best
 agentd configuration that ran (policy-on, else policy-off, else static, else none):
@@ -173,10 +174,10 @@ class RunRecord:
     agentd_cpu: float = math.nan  # agentd's CPU time over the run, in CPUs (seconds of CPU per second)
 
 
-def replay_argv(m: Member, speedup: float, start_at: float, out: Path, requested_at: float) -> list[str]:
+def replay_argv(m: Member, speedup: float, start_at: float, out: Path) -> list[str]:
     python = shutil.which("python3") or sys.executable  # Debian's python3: the replayer needs nothing else
     return [python, str(HERE / "replay.py"), str(m.trace), "--base", str(BASE), "--speedup", str(speedup),
-            "--start-at", f"{start_at:.6f}", "--requested-at", f"{requested_at:.6f}", "--out", str(out)]
+            "--start-at", f"{start_at:.6f}", "--out", str(out)]
 
 
 def load_replay(path: Path) -> dict[str, Any] | None:
@@ -248,7 +249,7 @@ def _run_plain_in(setup: str, members: Sequence[Member], limit: int, config: str
             # The shell moves itself into the leaf, then execs the replayer: it runs there from its first byte.
             procs[m.name] = subprocess.Popen(
                 ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', f"{leaves[m.name]}/cgroup.procs",
-                 *replay_argv(m, speedup, start_at, rundir / f"{m.name}.json", t0)], stdout=log, stderr=log)
+                 *replay_argv(m, speedup, start_at, rundir / f"{m.name}.json")], stdout=log, stderr=log)
 
     def done() -> bool:
         for name, proc in procs.items():
@@ -262,7 +263,7 @@ def _run_plain_in(setup: str, members: Sequence[Member], limit: int, config: str
     for m in members:
         status = procs[m.name].wait()
         out = outcomes[m.name]
-        out.replay = load_replay(rundir / f"{m.name}.json")
+        out.replay = charge_wait(load_replay(rundir / f"{m.name}.json"), 0.0)
         out.survived = status == 0 and out.replay is not None
         if not out.survived:
             events = cgroupfs.parse_flat_keyed(cgroupfs.read_text(f"{leaves[m.name]}/memory.events"))
@@ -491,7 +492,7 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
         client = Client(str(daemon.admin_socket), timeout=120)
         deadline = start_at + run_timeout(members, speedup)
         try:
-            argv = replay_argv(m, speedup, start_at, rundir / f"{m.name}.json", t0)
+            argv = replay_argv(m, speedup, start_at, rundir / f"{m.name}.json")
             while True:
                 try:
                     done = client.run(argv, session_id=ids[m.name], tool="replay",
@@ -526,9 +527,12 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
                 cgroupfs.kill(path)
         for thread in threads:
             thread.join(60)
+    lines = daemon.log_lines(since_unix)
+    begun = {line["session"]: float(line["ts"]) for line in reversed(lines) if line.get("msg") == "call begun"}
     for m in members:
         out = outcomes[m.name]
-        out.replay = load_replay(rundir / f"{m.name}.json")
+        out.replay = charge_wait(load_replay(rundir / f"{m.name}.json"),
+                                 begun.get(ids[m.name], since_unix) - since_unix)
         result = finished.get(m.name)
         kind = "no result" if result is None else result if isinstance(result, str) else agentd_kind(result)
         out.survived = kind == "OUTCOME_OK" and out.replay is not None
@@ -537,7 +541,6 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
     cpu = (daemon.cpu_seconds() - cpu0) / (time.monotonic() - t0)
     start_unix = since_unix + START_LEAD_SECONDS
     names = {sid: name for name, sid in ids.items()}
-    lines = daemon.log_lines(since_unix)
     # The daemon's story of this run, for what the table can only summarise (a refusal, a kill, a failure).
     (rundir / "agentd.log").write_text("".join(json.dumps(line) + "\n" for line in lines))
     actions, reactions = policy_marks(lines, start_unix, names)
@@ -548,12 +551,23 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
 # ------------------------------------------------------------------------------------------------ statistics
 
 
+def charge_wait(replay: dict[str, Any] | None, waited: float) -> dict[str, Any] | None:
+    """The replay with `start_wait`: how much of its late start the isolation caused, at most what passed before
+    its tool call began (`waited`: an admission queue, retried refusals, agentd's Begin; 0 when the harness
+    started the process itself). The rest of a late start is the replayers' own start-up (the interpreter, the
+    trace, the base) beyond the lead."""
+    if replay is not None:
+        replay["start_wait"] = round(min(float(replay.get("late_start", 0.0)), max(waited, 0.0)), 6)
+    return replay
+
+
 def task_duration(replay: dict[str, Any]) -> float:
-    """A session's time from the common start to its end: the replay plus the wait before its process existed
-    (an admission queue or a retried refusal counts against it, as it would against an agent's task). Not the
-    replayers' own start-up beyond the lead: three interpreters starting at once on the emulator's two vCPUs took
-    0-11 s more than the solo's in every configuration alike, none included, and one replay's late start moved
-    HIGH's ratio by up to 0.8. Results from before start_wait existed count all of late_start."""
+    """A session's time from the common start to its end: the replay plus the part of its late start the
+    isolation caused (charge_wait: an admission queue or a retried refusal counts against it, as it would against
+    an agent's task). Not the replayers' own start-up beyond the lead: three of them starting at once on the
+    emulator's two vCPUs took 0-11 s more than the solo's in every configuration alike, none included, and one
+    replay's late start moved HIGH's ratio by up to 0.8. Results from before start_wait existed count all of
+    late_start."""
     wait = replay.get("start_wait")
     return float(replay["duration"]) + float(replay.get("late_start", 0.0) if wait is None else wait)
 

@@ -12,7 +12,7 @@ reclaim, CPU) delays everything after it, as a slow tool call delays an agent. S
 trace's span / speed-up plus the time of its steps; any slowdown adds to it.
 
     python3 bench/replay.py ../shared/traces/haiku/dask__dask-11628 --base 100M --speedup 10 [--out FILE]
-        [--start-at MONOTONIC_SECONDS] [--requested-at MONOTONIC_SECONDS] [--chunk 64M]
+        [--start-at MONOTONIC_SECONDS] [--chunk 64M]
 
 Output: one JSON document (stdout, or --out written atomically at the end): the schedule's parameters, every
 step (`at`: seconds from the replay's start, `kind` grow|shrink|base, `bytes`, `latency`, `lag`: how far its
@@ -20,9 +20,7 @@ sample started behind the trace's own clock, `sample`, `call`: index of the tool
 sample or -1), each tool call's memory curve, the total `duration` and the grow steps' latency percentiles.
 --start-at (CLOCK_MONOTONIC, shared by every process of the machine) lets several replayers start their
 schedules at the same moment once their base is resident; the base allocation itself is timed apart (kind
-"base") and not part of the duration. `late_start` is how far behind that moment the schedule began. With
---requested-at (when the harness asked for this replayer), `start_wait` is the time until this module began to
-run: an admission queue, a retried refusal, the interpreter's start, not the trace's loading or the base.
+"base") and not part of the duration.
 """
 
 from __future__ import annotations
@@ -40,8 +38,6 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-RAN_AT = time.monotonic()  # when the interpreter began this module: see start_wait
 
 MIB = 1 << 20
 PAGE = mmap.PAGESIZE
@@ -304,12 +300,7 @@ def summarize(steps: Sequence[dict[str, Any]]) -> dict[str, float | int]:
             "grow_p99": percentile(lat, 99), "grow_max": max(lat) if lat else math.nan}
 
 
-def replay(trace: Trace, base: int, speedup: float, chunk: int, start_at: float | None = None,
-           requested_at: float | None = None) -> dict[str, Any]:
-    # What kept the replayer from running (an admission queue, a refusal retried, the daemon's Begin) is the
-    # isolation's; its own start-up (the trace, the base) is the harness's. The interpreter's start before this
-    # module ran is counted against the isolation: the conservative side.
-    start_wait = max(0.0, RAN_AT - requested_at) if requested_at is not None else 0.0
+def replay(trace: Trace, base: int, speedup: float, chunk: int, start_at: float | None = None) -> dict[str, Any]:
     targets = schedule(trace, base, speedup)
     memory = Resident(chunk)
     steps: list[dict[str, Any]] = []
@@ -347,8 +338,7 @@ def replay(trace: Trace, base: int, speedup: float, chunk: int, start_at: float 
     return {
         "trace": trace.name, "base": base, "speedup": speedup, "chunk": chunk, "page": PAGE,
         "scheduled": targets[-1].at, "duration": round(duration, 6), "start_monotonic": t0,
-        "started_unix": started_unix, "late_start": round(late_start, 6), "start_wait": round(start_wait, 6),
-        "peak": max(t.resident for t in targets),
+        "started_unix": started_unix, "late_start": round(late_start, 6), "peak": max(t.resident for t in targets),
         "summary": summarize(steps), "steps": steps,
         "calls": [asdict(c) | {"growth": c.growth} for c in call_curves(trace)],
     }
@@ -382,8 +372,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunk", type=size_arg, default=DEFAULT_CHUNK, help="largest step (default 64M)")
     parser.add_argument("--start-at", type=float, default=None,
                         help="CLOCK_MONOTONIC time at which the schedule starts (after the base is resident)")
-    parser.add_argument("--requested-at", type=float, default=None,
-                        help="CLOCK_MONOTONIC time the replayer was asked for: start_wait is from then until it ran")
     parser.add_argument("--out", default=None, help="write the JSON here instead of stdout")
     args = parser.parse_args(argv)
     try:
@@ -391,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TraceError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2
-    write_json(replay(trace, args.base, args.speedup, args.chunk, args.start_at, args.requested_at), args.out)
+    write_json(replay(trace, args.base, args.speedup, args.chunk, args.start_at), args.out)
     return 0
 
 
