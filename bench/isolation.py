@@ -21,8 +21,8 @@ denominators of that round's ratios, measured minutes apart at most on a host wh
 
 Per setup, limit and configuration: survival (runs in which every session completed), sessions completed, HIGH
 completed, HIGH duration / solo, HIGH P95 and P99 allocation latency / solo, LOW duration / solo (medians over
-runs; a duration counts a late start only as far as the wait before its tool call began, an admission queue
-say, not the replayers' own start-up: charge_wait), kills and their kind, and the policy's reaction p50/p99 when
+runs; a duration counts a late start only as far as admission made the session wait, not the replayers' own
+start-up: charge_wait), kills and their kind, and the policy's reaction p50/p99 when
 agentd logs it (a `reaction_ms` field).
 A timeline PNG per setup, limit and configuration (its first run): memory per session, limit, kills and policy
 actions. Results in --out (results.json, the raw replays, the PNGs). The last line, for setup A with the best
@@ -158,6 +158,7 @@ class Outcome:
     ended: float = math.nan  # seconds from the run's start
     replay: dict[str, Any] | None = None
     retries: int = 0  # Begins refused (retryable) and tried again after the hint
+    refused_for: float = 0.0  # seconds from the first Begin to the last one, when Begins were refused
 
 
 @dataclass
@@ -507,6 +508,7 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
                         raise
                     outcomes[m.name].retries += 1
                     time.sleep(wait)
+                    outcomes[m.name].refused_for = time.monotonic() - t0
             finished[m.name] = done.result
         except grpc.RpcError as exc:  # refused for good: this session's outcome, not the harness's
             finished[m.name] = f"refused {exc.code().name}"
@@ -528,11 +530,12 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
         for thread in threads:
             thread.join(60)
     lines = daemon.log_lines(since_unix)
-    begun = {line["session"]: float(line["ts"]) for line in reversed(lines) if line.get("msg") == "call begun"}
+    queued = {line.get("session"): float(line.get("waited_s", 0.0)) for line in lines
+              if line.get("msg") == "admitted after waiting"}
     for m in members:
         out = outcomes[m.name]
         out.replay = charge_wait(load_replay(rundir / f"{m.name}.json"),
-                                 begun.get(ids[m.name], since_unix) - since_unix)
+                                 out.refused_for + queued.get(ids[m.name], 0.0))
         result = finished.get(m.name)
         kind = "no result" if result is None else result if isinstance(result, str) else agentd_kind(result)
         out.survived = kind == "OUTCOME_OK" and out.replay is not None
@@ -552,10 +555,11 @@ def _run_calls(daemon: Agentd, setup: str, members: Sequence[Member], limit: int
 
 
 def charge_wait(replay: dict[str, Any] | None, waited: float) -> dict[str, Any] | None:
-    """The replay with `start_wait`: how much of its late start the isolation caused, at most what passed before
-    its tool call began (`waited`: an admission queue, retried refusals, agentd's Begin; 0 when the harness
-    started the process itself). The rest of a late start is the replayers' own start-up (the interpreter, the
-    trace, the base) beyond the lead."""
+    """The replay with `start_wait`: how much of its late start the isolation caused, at most what admission
+    made it wait (`waited`: Begins refused and retried, a Begin queued; 0 when the harness started the process
+    itself). The rest of a late start is the harness's: the replayers' start-up (the interpreter, the trace, the
+    base) and, through agentd, the harness's client threads' Begins (1-6 s for three at once under TCG, ~2 ms
+    natively: bench/launch.py measures that cost)."""
     if replay is not None:
         replay["start_wait"] = round(min(float(replay.get("late_start", 0.0)), max(waited, 0.0)), 6)
     return replay
@@ -696,6 +700,7 @@ def record_json(run: RunRecord) -> dict[str, Any]:
                           "duration": task_duration(o.replay) if o.replay else None,
                           "late_start": o.replay.get("late_start") if o.replay else None,
                           "start_wait": o.replay.get("start_wait") if o.replay else None, "retries": o.retries,
+                          "refused_for": round(o.refused_for, 3),
                           "summary": o.replay["summary"] if o.replay else None} for o in run.outcomes]}
 
 

@@ -239,7 +239,7 @@ def test_plain_kill_kind() -> None:
     assert isolation.plain_kind({}, 2) == "exit 2"
 
 
-def test_a_late_start_counts_only_as_far_as_the_wait_before_the_tool_call_began() -> None:
+def test_a_late_start_counts_only_as_far_as_admission_made_the_session_wait() -> None:
     """A replayer that was late at the common start because its own start-up took longer than the lead is not
     charged for it; one that waited for admission is, up to its late start."""
     import isolation
@@ -249,11 +249,11 @@ def test_a_late_start_counts_only_as_far_as_the_wait_before_the_tool_call_began(
 
     started_itself = isolation.charge_wait(replayed(3.0), 0.0)  # none/static: the harness started the process
     assert started_itself is not None and isolation.task_duration(started_itself) == 12.0
-    queued = isolation.charge_wait(replayed(9.0), 14.0)  # admitted 14 s after the request, ready 9 s late
+    queued = isolation.charge_wait(replayed(9.0), 14.0)  # queued 14 s by admission, ready 9 s late
     assert queued is not None and isolation.task_duration(queued) == 21.0
-    begun_in_time = isolation.charge_wait(replayed(0.0), 0.4)  # a Begin that did not make it late
+    begun_in_time = isolation.charge_wait(replayed(0.0), 0.4)  # a short queue that did not make it late
     assert begun_in_time is not None and isolation.task_duration(begun_in_time) == 12.0
-    slow_begin = isolation.charge_wait(replayed(2.5), 1.0)  # late by 2.5 s, 1 s of it before the call began
+    slow_begin = isolation.charge_wait(replayed(2.5), 1.0)  # late by 2.5 s, 1 s of it refused and retried
     assert slow_begin is not None and isolation.task_duration(slow_begin) == 13.0
     assert isolation.charge_wait(None, 1.0) is None
     assert isolation.task_duration(replayed(3.0)) == 15.0  # results from before start_wait: all of it counts
