@@ -22,8 +22,8 @@ denominators of that round's ratios, measured minutes apart at most on a host wh
 Per setup, limit and configuration: survival (runs in which every session completed), sessions completed, HIGH
 completed, HIGH duration / solo, HIGH P95 and P99 allocation latency / solo, LOW duration / solo (medians over
 runs; a duration counts a late start only as far as admission made the session wait, not the replayers' own
-start-up: charge_wait), kills and their kind, and the policy's reaction p50/p99 when
-agentd logs it (a `reaction_ms` field).
+start-up: charge_wait), kills and their kind, and the policy's reaction p50/p99 when agentd logs it (a
+`reaction_ms` field).
 A timeline PNG per setup, limit and configuration (its first run): memory per session, limit, kills and policy
 actions. Results in --out (results.json, the raw replays, the PNGs). The last line, for setup A with the best
 agentd configuration that ran (policy-on, else policy-off, else static, else none):

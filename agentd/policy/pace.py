@@ -7,8 +7,9 @@ domain that runs calls. It reads no more often than it must: the next reading co
 throttle reserve, within [watch_seconds, WATCH_PACE_MAX_SECONDS]. `max_growth` is how fast the machine can hand out
 memory at all (kernel/fault_rate.py, or `[policy] watch_max_growth`), so a domain far from its reserve is read a
 few times a second, one near it every watch_seconds, and no growth the machine can produce slips between readings.
-A reading is judged by the growth over a window as long as the decision's (at least half the lookahead), not over
-the 20 ms since the previous reading: a decision costs ten looks or more, and one allocation step must not buy one.
+A reading is judged by the decision's own growth and the growth over a window as long as the decision's (at least
+half the lookahead), not over the 20 ms since the previous reading: the watch must count at least what the decision
+will project to miss nothing it would call pressure, and one allocation step between two readings is no GiB/s.
 """
 
 from __future__ import annotations
