@@ -29,7 +29,7 @@ from agentd.policy.model import (
     SessionPressure,
     rank,
 )
-from agentd.policy.pace import Reading, watch_growth, watch_trips
+from agentd.policy.pace import watch_growth, watch_trips
 from agentd.policy.settings import PolicyConfig, PolicyConfigError, describe, from_table, policy_keys
 from agentd.policy.victims import victim_order
 
@@ -442,13 +442,9 @@ def test_the_watch_decides_only_near_the_throttle_reserve_and_on_fast_growth() -
     last, memory = decision.assessment, decision.memory
     throttle = last.reserves["throttle"]
     calm = LIMIT - throttle - 50 * M
-
-    def trips(usage: int, readings: tuple[Reading, ...], now: float) -> bool:
-        return watch_trips(last, usage, watch_growth(memory, readings, usage, now, CONFIG), CONFIG)
-
     # The decision's sample (600 MiB at 0.0) is part of what a reading is judged by: 1 s later at `calm` the
     # domain grew 322 MiB/s, 64 MiB within the lookahead, more than the 50 MiB of margin.
-    assert trips(calm, (), 1.0)
+    assert watch_trips(last, calm, watch_growth(memory, (), calm, 1.0, CONFIG), CONFIG)
     quiet = ((calm - M, 0.8),)
     later = replace(memory, last_usage=calm - M, last_seen=0.8)
     assert not watch_trips(last, calm, watch_growth(later, quiet, calm, 1.0, CONFIG), CONFIG)  # 5 MiB/s
