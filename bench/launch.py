@@ -9,13 +9,16 @@ command is really bare), rounds interleaved so that every path sees the same mac
 - the SDK's fast path (agentd.client over the join socket): BEGIN + END round trips, launching excluded;
 - agentd's CPU per call (user + kernel, all threads, over the launcher's calls);
 - calls/s of 8 clients, each running `agentd-run -- true` in a loop, as a ratio to the same 8 clients
-  launching `true` without agentd, in the same run.
+  launching `true` without agentd, in the same run;
+- the floor (bench/launch_floor.py): `agentd-run -- true` against a minimal Python server that makes the kernel do
+  what agentd makes it do for the call and nothing else, in the same rounds: its wall time and its CPU per call.
 
     python bench/launch.py [--calls 300] [--clients 8]
 
 It starts its own daemon on a temporary socket and cgroup root (and removes them after). Needs
 launcher/build/agentd-run (make -C launcher). Last line:
 shim_overhead_p50_ms=… shim_overhead_p99_ms=… sdk_p50_ms=… sdk_p99_ms=… agentd_cpu_ms=… throughput_ratio=…
+(then launcher_overhead_p50_ms, launcher_overhead_p99_ms, floor_cpu_ms, floor_overhead_p50_ms)
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,12 +60,12 @@ def spawn_wait(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def rounds(paths: dict[str, list[str]], calls: int, env: dict[str, str]) -> dict[str, list[float]]:
-    """Each path once per round, `calls` rounds (after a few warm-up rounds)."""
+def rounds(paths: dict[str, list[str]], calls: int, envs: dict[str, dict[str, str]]) -> dict[str, list[float]]:
+    """Each path once per round (with its environment), `calls` rounds (after a few warm-up rounds)."""
     times: dict[str, list[float]] = {name: [] for name in paths}
     for n in range(calls + 5):
         for name, argv in paths.items():
-            elapsed = spawn_wait(argv, env)
+            elapsed = spawn_wait(argv, envs[name])
             if n >= 5:
                 times[name].append(elapsed)
     return times
@@ -129,14 +134,37 @@ def line(name: str, ms: list[float], note: str = "") -> str:
     return f"{name:<40} {len(ms):>6} {p50:>9.3f} {p99:>9.3f} {statistics.fmean(ms):>9.3f}  {note}"
 
 
-def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter) -> None:
+@contextmanager
+def floor_server(workdir: Path, mount: Path) -> Iterator[tuple[str, int]]:
+    """bench/launch_floor.py serving on a socket of its own, its calls under a cgroup of its own: (socket, pid)."""
+    from agentd.kernel import cgroupfs
+
+    sock, cgroup = workdir / "floor.sock", mount / f"agentd-bench-floor-{os.getpid()}"
+    cgroup.mkdir()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "launch_floor.py"), "--socket", str(sock),
+                             "--cgroup", str(cgroup), "--records", str(workdir / "floor-records")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", "the floor server did not start"
+        yield str(sock), proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        cgroupfs.remove_tree(cgroup)
+
+
+def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter, floor: tuple[str, int]) -> None:
     launcher = [str(LAUNCHER), "--", TRUE]
     shim = [str(SHIM), "-c", "true"]
-    paths = {"bare bash -c true": [BASH, "-c", "true"], "bare true": [TRUE], "shim": shim, "launcher": launcher}
-    timed, cpu = meter.measure(calls * 2, lambda: rounds(paths, calls, env))
+    paths = {"bare bash -c true": [BASH, "-c", "true"], "bare true": [TRUE], "shim": shim, "launcher": launcher,
+             "floor": launcher}
+    envs = {name: env for name in paths} | {"floor": env | {"AGENTD_JOIN_SOCKET": floor[0]}}
+    (timed, cpu), floor_cpu = CpuMeter(floor[1]).measure(
+        calls, lambda: meter.measure(calls * 2, lambda: rounds(paths, calls, envs)))
     ms: Callable[[list[float]], list[float]] = lambda values: [v * 1e3 for v in values]  # noqa: E731
     shim_over = ms(overheads(timed["shim"], timed["bare bash -c true"]))
     launcher_over = ms(overheads(timed["launcher"], timed["bare true"]))
+    floor_over = ms(overheads(timed["floor"], timed["bare true"]))
     agentctl = [spawn_wait([sys.executable, "-m", "agentd.cli.agentctl", "run", "--", TRUE], env)
                 for _ in range(AGENTCTL_CALLS)]
     scope, scope_note = systemd_scope(env)
@@ -149,14 +177,19 @@ def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter) -> N
     print(line("bare true", ms(timed["bare true"])))
     print(line("agentd-shell -c true", ms(timed["shim"])))
     print(line("agentd-run -- true", ms(timed["launcher"])))
+    print(line("agentd-run -- true, floor server", ms(timed["floor"]), "(bench/launch_floor.py)"))
     print(line("agentctl run -- true", ms(agentctl)))
     print(line("systemd-run --scope true", ms(scope or []), scope_note))
     print(line("shim overhead over bash -c true", shim_over, "(per round)"))
     print(line("launcher overhead over true", launcher_over, "(per round)"))
+    print(line("  the same against the floor server", floor_over, "(per round)"))
     print(line("SDK fast path (BEGIN + END)", sdk, "(launch excluded)"))
     print(line("SDK over gRPC (BeginToolCall + END)", sdk_grpc, "(launch excluded)"))
     agentd_cpu = (cpu.user + cpu.kernel) * 1e3  # over the shim's and the launcher's calls (2 per round)
     print(f"agentd CPU per call: {agentd_cpu:.3f} ms (user {cpu.user * 1e3:.3f}, kernel {cpu.kernel * 1e3:.3f})")
+    floor_ms = (floor_cpu.user + floor_cpu.kernel) * 1e3
+    print(f"floor server CPU per call: {floor_ms:.3f} ms (user {floor_cpu.user * 1e3:.3f}, "
+          f"kernel {floor_cpu.kernel * 1e3:.3f})")
     print(f"{clients} clients: {with_agentd:.0f} calls/s through agentd-run; {without:.0f}/s launching true "
           f"without agentd")
     print(f"shim_overhead_p50_ms={percentile(shim_over, 0.5):.3f} "
@@ -164,7 +197,8 @@ def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter) -> N
           f"sdk_p50_ms={percentile(sdk, 0.5):.3f} sdk_p99_ms={percentile(sdk, 0.99):.3f} "
           f"agentd_cpu_ms={agentd_cpu:.3f} throughput_ratio={with_agentd / without:.2f} "
           f"launcher_overhead_p50_ms={percentile(launcher_over, 0.5):.3f} "
-          f"launcher_overhead_p99_ms={percentile(launcher_over, 0.99):.3f}")
+          f"launcher_overhead_p99_ms={percentile(launcher_over, 0.99):.3f} floor_cpu_ms={floor_ms:.3f} "
+          f"floor_overhead_p50_ms={percentile(floor_over, 0.5):.3f}")
 
 
 def main() -> None:
@@ -189,7 +223,8 @@ def main() -> None:
             meter = CpuMeter(server_pid(str(daemon.admin_socket)))
             (daemon.session_path(sid) / "agent" / "cgroup.procs").write_text(str(os.getpid()))
             try:
-                measure(env, args.calls, args.clients, meter)
+                with floor_server(Path(tmp), daemon.cgroup_root.parent) as floor:
+                    measure(env, args.calls, args.clients, meter, floor)
             finally:
                 mount = daemon.cgroup_root.parent
                 (mount / home.lstrip("/") / "cgroup.procs").write_text(str(os.getpid()))
