@@ -214,7 +214,7 @@ def main() -> None:
 
     home = Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1]
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(Path(tmp))
+        daemon = Daemon(Path(tmp), daemon={"log_level": "info"})  # the default level, as an operator runs it
         try:
             daemon.start()
             with daemon.admin() as admin:

@@ -66,3 +66,15 @@ def test_within_a_cgroup_is_by_whole_path_components() -> None:
     assert cgroupfs.is_within("/m/sessions/s-1", "/m/sessions/s-1")
     assert not cgroupfs.is_within("/m/sessions/s-10/agent", "/m/sessions/s-1")
     assert not cgroupfs.is_within("/m/sessions", "/m/sessions/s-1")
+
+
+@pytest.mark.parametrize(("text", "path"), [
+    ("0::/sessions/s-1/agent\n", "/sessions/s-1/agent"),  # a pure v2 host
+    ("12:pids:/\n1:name=systemd:/init.scope\n0::/sessions/s 2/tc-1\n", "/sessions/s 2/tc-1"),  # hybrid: v2 last
+    ("0::/\n", "/"),
+    ("0::/x", "/x"),  # no final newline
+    ("1:name=systemd:/\n", None),  # no v2 hierarchy
+    ("", None),
+])
+def test_the_v2_line_is_found_among_v1_lines(text: str, path: str | None) -> None:
+    assert cgroupfs.v2_path_in(text) == path

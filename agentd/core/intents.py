@@ -190,9 +190,9 @@ def validate_intent(intent: Intent, config: Config) -> None:
 
 
 def class_bytes(memory_class: int, config: Config) -> int:
-    name = {MemoryClass.LOW: "low", MemoryClass.MEDIUM: "medium", MemoryClass.HIGH: "high"}.get(
-        MemoryClass(memory_class), config.default_memory_class
-    )
+    # An IntEnum member is found by its int (same hash, equal): no MemoryClass() call for a validated value.
+    names: dict[int, str] = {MemoryClass.LOW: "low", MemoryClass.MEDIUM: "medium", MemoryClass.HIGH: "high"}
+    name = names.get(memory_class, config.default_memory_class)
     return {
         "low": config.memory_class_low,
         "medium": config.memory_class_medium,
@@ -211,14 +211,14 @@ def derive_limits(intent: Intent, config: Config, session_budget: int) -> Limits
     if session_budget:
         hard = min(hard, session_budget)
     expected = min(expected, hard)
-    weights = {
+    weights: dict[int, int] = {
         CpuClass.BACKGROUND: config.cpu_weight_background,
         CpuClass.INTERACTIVE: config.cpu_weight_interactive,
     }
     return Limits(
         memory_high=expected,
         memory_max=hard,
-        cpu_weight=weights.get(CpuClass(intent.cpu_class), config.cpu_weight_normal),
+        cpu_weight=weights.get(intent.cpu_class, config.cpu_weight_normal),
         cpu_max_millicores=intent.cpu_max_millicores,
         pids_max=intent.pids_max or config.default_pids_max,
         timeout_seconds=intent.timeout_seconds or config.default_timeout_seconds,

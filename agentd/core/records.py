@@ -393,7 +393,8 @@ class RecordStore:
                 self._rotate()
                 continue
             self._current.append(items)
-            self._dirty.set()
+            if not self._dirty.is_set():  # set() takes the event's lock and notifies, even when it is set
+                self._dirty.set()
             for result in self._pending[: len(items)]:
                 known = self._encoded.get(result.call_id)
                 if known is not None and known[0] is result:

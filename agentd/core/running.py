@@ -41,7 +41,7 @@ class Running:
     reaper: Reaper
 
     def watch(self, call: ToolCall) -> None:
-        call.events_fd = self.watcher.watch(call.path / "cgroup.events", lambda fd: self._on_events(call, fd))
+        call.events_fd = self.watcher.watch(f"{call.path}/cgroup.events", lambda fd: self._on_events(call, fd))
 
     def populated(self, call: ToolCall) -> bool:
         """Whether the call's cgroup has processes, read through its watched cgroup.events when it has one."""

@@ -25,7 +25,7 @@ class Watcher:
         self._callbacks: dict[int, Callback] = {}
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
-    def watch(self, path: Path, callback: Callback) -> int:
+    def watch(self, path: str | Path, callback: Callback) -> int:
         """Register a file for its change notifications (EPOLLPRI); return its fd, the handle for unwatch()."""
         return self.watch_fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC), callback)
 
