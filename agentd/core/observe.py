@@ -66,11 +66,15 @@ def _limit_ooms(cgroup: Path) -> _LimitOoms:
 class OomWitness:
     """Per running call: its ancestors' OOM counts when it began. A call's cgroup is <sessions>/<session>/tc-*."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory: bool = True) -> None:
         self._began: dict[str, tuple[int, int]] = {}  # call id -> OOMs at (session, sessions/) when it began
+        self._memory = memory  # the memory controller is enabled for the calls: the counts exist
 
     def began(self, call: ToolCall) -> None:
         """Note the ancestors' counts now (an engine on_begin listener); calls adopted at start have none."""
+        if not self._memory:  # no memory.events.local to read: what reading them would give, without the reads
+            self._began[call.id] = (0, 0)
+            return
         try:
             counts = (_ooms(call.path.parent), _ooms(call.path.parent.parent))
         except (OSError, ValueError):  # unreadable: the call's OOM, if any, is blamed on an unnamed ancestor

@@ -49,7 +49,10 @@ class Reaper:
     tracking: Tracking
     network: NetworkIntent
     housekeeping: Housekeeping
-    oom_witness: OomWitness = field(default_factory=OomWitness)  # its began() is an on_begin listener
+    oom_witness: OomWitness = field(init=False)  # its began() is an on_begin listener
+
+    def __post_init__(self) -> None:
+        self.oom_witness = OomWitness(memory="memory" in self.caps.enforced)
 
     def finalise(self, call: ToolCall) -> Result | None:
         """Build the call's result and answer its waiters. Idempotent: None if it was finalised already."""
