@@ -3,8 +3,9 @@
 From inside a session's agent/ leaf (as a sandbox would; the session's auto-capture off, so that a bare
 command is really bare), rounds interleaved so that every path sees the same machine:
 - bare `bash -c true` and bare `true` (posix_spawn + wait: no agentd);
-- the shim `agentd-shell -c true` (through agentd-run) and `agentd-run -- true`: their overhead is their wall
-  time minus the bare command's (`bash -c true` for the shim, `true` for the launcher), per round;
+- the shim `agentd-shell -c true` (agentd-run under that name: launcher/shell.c; and the sh script
+  agentd/data/agentd-shell, through agentd-run) and `agentd-run -- true`: their overhead is their wall time minus
+  the bare command's (`bash -c true` for the shims, `true` for the launcher), per round;
 - `agentctl run -- true` (Python + gRPC; fewer calls), and `systemd-run --scope true` where systemd is PID 1;
 - the SDK's fast path (agentd.client over the join socket): BEGIN + END round trips, launching excluded;
 - agentd's CPU per call (user + kernel, all threads, over the launcher's calls);
@@ -18,7 +19,8 @@ command is really bare), rounds interleaved so that every path sees the same mac
 It starts its own daemon on a temporary socket and cgroup root (and removes them after). Needs
 launcher/build/agentd-run (make -C launcher). Last line:
 shim_overhead_p50_ms=… shim_overhead_p99_ms=… sdk_p50_ms=… sdk_p99_ms=… agentd_cpu_ms=… throughput_ratio=…
-(then launcher_overhead_p50_ms, launcher_overhead_p99_ms, floor_cpu_ms, floor_overhead_p50_ms)
+(the shim's keys are the native shim's; then launcher_overhead_p50_ms, launcher_overhead_p99_ms,
+shim_script_overhead_p50_ms, floor_cpu_ms, floor_overhead_p50_ms)
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from lifecycle import CpuMeter, percentile, server_pid  # noqa: E402
 
 LAUNCHER = REPO / "launcher" / "build" / "agentd-run"
-SHIM = REPO / "agentd" / "data" / "agentd-shell"
+SHIM = LAUNCHER.parent / "agentd-shell"  # the launcher under that name
+SHIM_SCRIPT = REPO / "agentd" / "data" / "agentd-shell"
 TRUE = shutil.which("true") or "/bin/true"
 BASH = shutil.which("bash") or "/bin/bash"
 AGENTCTL_CALLS = 20  # a Python start-up each: ~150 ms
@@ -156,13 +159,14 @@ def floor_server(workdir: Path, mount: Path) -> Iterator[tuple[str, int]]:
 def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter, floor: tuple[str, int]) -> None:
     launcher = [str(LAUNCHER), "--", TRUE]
     shim = [str(SHIM), "-c", "true"]
-    paths = {"bare bash -c true": [BASH, "-c", "true"], "bare true": [TRUE], "shim": shim, "launcher": launcher,
-             "floor": launcher}
+    paths = {"bare bash -c true": [BASH, "-c", "true"], "bare true": [TRUE], "shim": shim,
+             "shim script": [str(SHIM_SCRIPT), "-c", "true"], "launcher": launcher, "floor": launcher}
     envs = {name: env for name in paths} | {"floor": env | {"AGENTD_JOIN_SOCKET": floor[0]}}
     (timed, cpu), floor_cpu = CpuMeter(floor[1]).measure(
-        calls, lambda: meter.measure(calls * 2, lambda: rounds(paths, calls, envs)))
+        calls, lambda: meter.measure(calls * 3, lambda: rounds(paths, calls, envs)))
     ms: Callable[[list[float]], list[float]] = lambda values: [v * 1e3 for v in values]  # noqa: E731
     shim_over = ms(overheads(timed["shim"], timed["bare bash -c true"]))
+    script_over = ms(overheads(timed["shim script"], timed["bare bash -c true"]))
     launcher_over = ms(overheads(timed["launcher"], timed["bare true"]))
     floor_over = ms(overheads(timed["floor"], timed["bare true"]))
     agentctl = [spawn_wait([sys.executable, "-m", "agentd.cli.agentctl", "run", "--", TRUE], env)
@@ -175,17 +179,19 @@ def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter, floo
     print(f"{'per call (ms)':<40} {'calls':>6} {'p50':>9} {'p99':>9} {'mean':>9}")
     print(line("bare bash -c true", ms(timed["bare bash -c true"])))
     print(line("bare true", ms(timed["bare true"])))
-    print(line("agentd-shell -c true", ms(timed["shim"])))
+    print(line("agentd-shell -c true", ms(timed["shim"]), "(agentd-run as agentd-shell)"))
+    print(line("agentd-shell -c true, sh script", ms(timed["shim script"]), "(agentd/data/agentd-shell)"))
     print(line("agentd-run -- true", ms(timed["launcher"])))
     print(line("agentd-run -- true, floor server", ms(timed["floor"]), "(bench/launch_floor.py)"))
     print(line("agentctl run -- true", ms(agentctl)))
     print(line("systemd-run --scope true", ms(scope or []), scope_note))
     print(line("shim overhead over bash -c true", shim_over, "(per round)"))
+    print(line("  the sh script's", script_over, "(per round)"))
     print(line("launcher overhead over true", launcher_over, "(per round)"))
     print(line("  the same against the floor server", floor_over, "(per round)"))
     print(line("SDK fast path (BEGIN + END)", sdk, "(launch excluded)"))
     print(line("SDK over gRPC (BeginToolCall + END)", sdk_grpc, "(launch excluded)"))
-    agentd_cpu = (cpu.user + cpu.kernel) * 1e3  # over the shim's and the launcher's calls (2 per round)
+    agentd_cpu = (cpu.user + cpu.kernel) * 1e3  # over the shims' and the launcher's calls (3 per round)
     print(f"agentd CPU per call: {agentd_cpu:.3f} ms (user {cpu.user * 1e3:.3f}, kernel {cpu.kernel * 1e3:.3f})")
     floor_ms = (floor_cpu.user + floor_cpu.kernel) * 1e3
     print(f"floor server CPU per call: {floor_ms:.3f} ms (user {floor_cpu.user * 1e3:.3f}, "
@@ -197,7 +203,8 @@ def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter, floo
           f"sdk_p50_ms={percentile(sdk, 0.5):.3f} sdk_p99_ms={percentile(sdk, 0.99):.3f} "
           f"agentd_cpu_ms={agentd_cpu:.3f} throughput_ratio={with_agentd / without:.2f} "
           f"launcher_overhead_p50_ms={percentile(launcher_over, 0.5):.3f} "
-          f"launcher_overhead_p99_ms={percentile(launcher_over, 0.99):.3f} floor_cpu_ms={floor_ms:.3f} "
+          f"launcher_overhead_p99_ms={percentile(launcher_over, 0.99):.3f} "
+          f"shim_script_overhead_p50_ms={percentile(script_over, 0.5):.3f} floor_cpu_ms={floor_ms:.3f} "
           f"floor_overhead_p50_ms={percentile(floor_over, 0.5):.3f}")
 
 
@@ -206,8 +213,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
-    if not LAUNCHER.exists():
-        raise SystemExit(f"{LAUNCHER} not built: make -C launcher")
+    if not LAUNCHER.exists() or not SHIM.exists():
+        raise SystemExit(f"{LAUNCHER} or {SHIM} not built: make -C launcher")
     from support import Daemon, create_session
 
     from agentd.api.gen import agentd_pb2 as pb

@@ -28,6 +28,7 @@
 
 #include "agentd.pb-c.h"
 #include "options.h"
+#include "shell.h"
 
 enum {
     EXIT_USAGE = 2,        /* bad flags (as agentctl) */
@@ -419,6 +420,10 @@ static int start(struct call *c) {
 }
 
 int main(int argc, char **argv) {
+    if (invoked_as_shell(argv[0])) {
+        argv = shell_arguments(argc, argv, &argc); /* or it became plain bash */
+        if (!argv) return errno == ENOENT ? 127 : EXIT_NOT_STARTED;
+    }
     struct options o;
     int parsed = parse_options(argc, argv, &o);
     if (parsed) return parsed > 0 ? 0 : EXIT_USAGE;

@@ -8,7 +8,8 @@
 # nothing points back into the source tree):
 #   /opt/agentd/                                   Python virtualenv: agentd and its pinned dependencies
 #   /usr/local/bin/{agentd,agentctl}               symlinks into the virtualenv
-#   /usr/local/bin/agentd-shell                    the shell shim (also to be copied into sandbox images)
+#   /usr/local/bin/agentd-shell                    the shell shim (also to be copied into sandbox images): agentd-run
+#                                                  under that name when built, else agentd/data/agentd-shell
 #   /usr/local/bin/agentd-run                      the native launcher, if launcher/build/agentd-run was built (make setup)
 #   /usr/local/lib/agentd/bpf/*.bpf.o              the BPF objects (the unit's AGENTD_BPF_DIR)
 #   /usr/local/lib/agentd/agentd.toml.default      the default configuration as shipped (to spot local edits)
@@ -89,9 +90,13 @@ install_agentd() {
     log "programs, BPF objects, shim in $BIN and $LIB"
     ln -sfn "$VENV/bin/agentd" "$BIN/agentd"
     ln -sfn "$VENV/bin/agentctl" "$BIN/agentctl"
-    install -D -m 0755 "$REPO/agentd/data/agentd-shell" "$BIN/agentd-shell"
     if [ -x "$REPO/launcher/build/agentd-run" ]; then
-        install -m 0755 "$REPO/launcher/build/agentd-run" "$BIN/agentd-run"
+        install -D -m 0755 "$REPO/launcher/build/agentd-run" "$BIN/agentd-run"
+        # The launcher under the name agentd-shell is the shim without a shell's start-up (launcher/shell.c); a
+        # hard link, so that copying it into an image copies the binary.
+        ln -f "$BIN/agentd-run" "$BIN/agentd-shell"
+    else
+        install -D -m 0755 "$REPO/agentd/data/agentd-shell" "$BIN/agentd-shell"
     fi
     rm -rf "$LIB/bpf"
     install -d -m 0755 "$LIB/bpf"

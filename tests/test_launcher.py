@@ -22,6 +22,7 @@ from test_launcher_signals import descendants, last_record, read_until, running_
 from agentd.api.gen import agentd_pb2 as pb
 
 SHIM = REPO / "agentd" / "data" / "agentd-shell"
+NATIVE_SHIM = LAUNCHER.parent / "agentd-shell"  # agentd-run under that name (launcher/shell.c)
 EXIT_PROMPTLY = 5.0 * SLOW
 
 
@@ -190,12 +191,14 @@ def test_its_own_errors_have_distinct_exit_codes(daemon: Daemon, session: tuple[
     wait_for(lambda: not call_cgroups(daemon.session_path(sid)))
 
 
-def test_the_shim_runs_through_the_launcher(daemon: Daemon, session: tuple[str, str]) -> None:
+@pytest.mark.parametrize("shim", [SHIM, NATIVE_SHIM], ids=["script", "native"])
+def test_the_shim_runs_through_the_launcher(daemon: Daemon, session: tuple[str, str], shim: Path) -> None:
+    """The script (through agentd-run) and agentd-run under the name agentd-shell do the same."""
     sid, token = session
     env = launcher_env(daemon, token) | {"AGENTD_RUN": str(LAUNCHER), "AGENTCTL": "/nonexistent/agentctl",
-                                         "AGENTD_MEMORY": "low"}
+                                         "AGENTD_MEMORY": "low", "AGENTD_TIMEOUT": "30", "AGENTD_NETWORK": "none"}
     proc = spawn_in(daemon.session_path(sid) / "agent",
-                    [str(SHIM), "-c", 'echo "$0 $1 $AGENTD_IN_TOOL_CALL"; cat /proc/self/cgroup; exit 4', "0", "1"],
+                    [str(shim), "-c", 'echo "$0 $1 $AGENTD_IN_TOOL_CALL"; cat /proc/self/cgroup; exit 4', "0", "1"],
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     status, out, err = finished(proc)
     assert status == 4, err
@@ -203,6 +206,26 @@ def test_the_shim_runs_through_the_launcher(daemon: Daemon, session: tuple[str, 
     with daemon.sandbox(token) as sandbox:
         last = sandbox.call("ListToolCalls", pb.ListToolCallsRequest(limit=1)).finished[0]
     assert last.tool == "bash" and last.limits.memory_high_bytes == 256 << 20
+    assert last.limits.timeout_seconds == 30 and last.limits.network == pb.NETWORK_NONE
+    assert list(last.argv) == ["/bin/bash", "-c", 'echo "$0 $1 $AGENTD_IN_TOOL_CALL"; cat /proc/self/cgroup; exit 4',
+                               "0", "1"]
+    # Without a token, or inside a tool call already, it is plain bash: no call (run from outside the session, where
+    # no auto-capture would make one).
+    for plain_env in (daemon.env(), env | {"AGENTD_IN_TOOL_CALL": "1"}):
+        plain = subprocess.run([str(shim), "-c", 'cat /proc/self/cgroup; exit 3'], capture_output=True, text=True,
+                               env=plain_env, timeout=60)
+        assert plain.returncode == 3 and "tc-" not in plain.stdout, plain.stderr
+    wait_for(lambda: not call_cgroups(daemon.session_path(sid)))
+
+
+def test_the_native_shim_says_when_bash_is_missing(tmp_path: Path) -> None:
+    """As a shell would: 127 for a bash that is not there, 126 for one that cannot run."""
+    not_executable = tmp_path / "bash"
+    not_executable.write_text("")
+    for bash, code in (("/nonexistent/bash", 127), (str(not_executable), 126)):
+        done = subprocess.run([str(NATIVE_SHIM), "-c", "true"], capture_output=True, text=True, timeout=30,
+                              env={"AGENTD_BASH": bash, "PATH": os.environ["PATH"]})
+        assert done.returncode == code and f"agentd-shell: {bash}: " in done.stderr
 
 
 def test_another_sessions_token_cannot_place_this_sessions_process(daemon: Daemon, session: tuple[str, str]) -> None:
