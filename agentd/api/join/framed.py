@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.join.contract import PlacementRefused
+from agentd.api.join.eager import Resumed, first_step
 from agentd.api.join.wire import (
     BEGIN,
     BEGUN,
@@ -174,18 +175,20 @@ class FramedRequests:
         self.server.answered()
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
-        """Handle a request that waits: nothing more is read until it is answered (readable() stops reading if
-        more comes meanwhile)."""
-        self.busy = True
+        """Handle a request, at once as far as it goes without waiting (agentd.api.join.eager); one that waits keeps
+        the connection busy: nothing more is read until it is answered (readable() stops reading if more comes
+        meanwhile), then the frames read before go on."""
+        waiting = first_step(work)
+        if waiting is not None:
+            self.busy = True
+            self.server.spawn(self._finish(work, waiting))
 
-        async def then_next() -> None:
-            try:
-                await work
-            finally:
-                self.busy = False
-                self._pump([])
-
-        self.server.spawn(then_next())
+    async def _finish(self, work: Coroutine[Any, Any, None], waiting: Any) -> None:
+        try:
+            await Resumed(work, waiting)
+        finally:
+            self.busy = False
+            self._pump([])
 
     def failed_frame(self, verb: str, exc: Exception, call_id: str = "") -> None:
         code = status_code(exc).name
