@@ -69,6 +69,7 @@ class JoinServer:
         self.listener.bind(str(path))
         self.listener.listen(256)
         self._resume: asyncio.TimerHandle | None = None
+        self._idle_check: asyncio.TimerHandle | None = None  # armed while connections are open
         self._listen()
 
     # ----- connections -----------------------------------------------------------------------------------
@@ -106,6 +107,21 @@ class JoinServer:
             return
         self.count(owner, connections=1)
         self.connections.add(Connection(self, sock, pid, owner))
+        if self._idle_check is None:
+            self._idle_check = self.loop.call_later(limits.IDLE_TIMEOUT_SECONDS, self._close_idle)
+
+    def _close_idle(self) -> None:
+        """Close the connections idle for IDLE_TIMEOUT_SECONDS; check again when the next one may be (at most every
+        IDLE_CHECK_SECONDS: one timer for all connections, not one per connection)."""
+        now = self.loop.time()
+        soonest: float | None = None
+        for connection in list(self.connections):
+            until = connection.idle_until(now)
+            if until is not None and (soonest is None or until < soonest):
+                soonest = until
+        self._idle_check = None
+        if soonest is not None:  # connections are left
+            self._idle_check = self.loop.call_later(max(soonest - now, limits.IDLE_CHECK_SECONDS), self._close_idle)
 
     def _listen(self) -> None:
         self.loop.add_reader(self.listener.fileno(), self._accept)
@@ -215,8 +231,9 @@ class JoinServer:
             os.close(held.pidfd)
 
     def close(self) -> None:
-        if self._resume is not None:
-            self._resume.cancel()
+        for timer in (self._resume, self._idle_check):
+            if timer is not None:
+                timer.cancel()
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
         for connection in list(self.connections):
