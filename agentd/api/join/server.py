@@ -106,9 +106,11 @@ class JoinServer:
             self._refuse(sock, "RESOURCE_EXHAUSTED", refusal, owner, pid)
             return
         self.count(owner, connections=1)
-        self.connections.add(Connection(self, sock, pid, owner))
+        connection = Connection(self, sock, pid, owner)
+        self.connections.add(connection)
         if self._idle_check is None:
             self._idle_check = self.loop.call_later(limits.IDLE_TIMEOUT_SECONDS, self._close_idle)
+        connection.readable()  # a client sends its first request as it connects: read now, not a loop turn later
 
     def _close_idle(self) -> None:
         """Close the connections idle for IDLE_TIMEOUT_SECONDS; check again when the next one may be (at most every
