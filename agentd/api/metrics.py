@@ -109,8 +109,10 @@ class Metrics:
         (self._finished_by.get(result.outcome) or self.finished.labels(result.outcome.name.lower())).inc()
         if result.outcome == Outcome.OOM_KILLED:
             self.oom_killed_calls.labels(result.oom_scope.value).inc()
-        self.oom_killed_processes.inc(result.oom_killed_processes)
-        self.network_denials.inc(result.network_denials)
+        if result.oom_killed_processes:  # an increment by 0 costs as much as any other, on every call
+            self.oom_killed_processes.inc(result.oom_killed_processes)
+        if result.network_denials:
+            self.network_denials.inc(result.network_denials)
         if result.started_unix:
             self.duration.observe(result.duration_seconds)
         if result.memory_peak >= 0:
