@@ -17,6 +17,7 @@ from agentd.api.join.eager import Resumed, first_step
 from agentd.api.join.wire import (
     BEGIN,
     BEGUN,
+    CTRUNC,
     END,
     ERROR,
     FRAME_VERSION,
@@ -61,7 +62,7 @@ class FramedRequests:
     _touch: Callable[[], None]
 
     def _frames(self, data: bytes, flags: int, fds: list[int]) -> None:
-        if flags & socket.MSG_CTRUNC:
+        if flags & CTRUNC:
             self.violation("more than one descriptor in a message")
             return
         self._touch()

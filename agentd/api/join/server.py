@@ -77,7 +77,8 @@ class JoinServer:
     def _accept(self) -> None:
         for _ in range(limits.ACCEPTS_PER_WAKEUP):
             try:
-                sock, _addr = self.listener.accept()
+                # accept() would make the new socket's family and type enum members (Python code) for nothing.
+                fd, _addr = self.listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -88,7 +89,7 @@ class JoinServer:
                     self._resume = self.loop.call_later(limits.ACCEPT_PAUSE_SECONDS, self._listen)
                     return
                 raise
-            self._admit(sock)
+            self._admit(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd))
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -100,12 +101,13 @@ class JoinServer:
         if owner is None:
             self._refuse(sock, "FAILED_PRECONDITION", "the connecting process has exited", f"pid:{pid}", pid)
             return
-        usage = self.usage.get(owner, Usage())
+        usage = self.usage.get(owner) or Usage()
         refusal = connection_refusal(len(self.connections), self.max_connections, owner, usage)
         if refusal is not None:
             self._refuse(sock, "RESOURCE_EXHAUSTED", refusal, owner, pid)
             return
-        self.count(owner, connections=1)
+        usage.connections += 1
+        self.usage[owner] = usage
         connection = Connection(self, sock, pid, owner)
         self.connections.add(connection)
         if self._idle_check is None:
@@ -143,7 +145,9 @@ class JoinServer:
         self.count(connection.owner, connections=-1)
 
     def count(self, owner: str, connections: int = 0, held: int = 0) -> None:
-        usage = self.usage.setdefault(owner, Usage())
+        usage = self.usage.get(owner)
+        if usage is None:
+            usage = self.usage[owner] = Usage()
         usage.connections += connections
         usage.held += held
         if not usage.connections and not usage.held:
@@ -167,7 +171,7 @@ class JoinServer:
     # ----- held processes --------------------------------------------------------------------------------
 
     def hold_refusal(self, connection: Connection) -> str | None:
-        usage = self.usage.get(connection.owner, Usage())
+        usage = self.usage.get(connection.owner) or Usage()
         return hold_refusal(len(connection.refs) + connection.beginning, connection.owner, usage, len(self.held))
 
     def hold(self, ref: str, connection: Connection, pidfd: int) -> None:

@@ -31,11 +31,12 @@ EXPECTED = "expected 'HOLD <ref>', 'JOIN <token>' or 'END <call id> <wait status
 UCRED = struct.Struct("3i")  # SO_PEERCRED: pid, uid, gid
 # Room for exactly one descriptor (CMSG_SPACE would round up to room for two on 64-bit).
 FD_SPACE = socket.CMSG_LEN(struct.calcsize("i"))
+CTRUNC = int(socket.MSG_CTRUNC)  # a plain int: `flags & socket.MSG_CTRUNC` runs the enum's Python code, every read
 
 
 def descriptor_fault(descriptors: int, flags: int, data: bytes) -> str | None:
     """Why a read breaks the rule that a descriptor comes alone with the end of its line, or None."""
-    if flags & socket.MSG_CTRUNC:
+    if flags & CTRUNC:
         return "more than one descriptor in a message"
     if descriptors and not data.endswith(b"\n"):
         return "a descriptor without the end of its line"
@@ -112,13 +113,14 @@ def pidfd_pid(fd: int) -> int:
     """The pid (in our namespace) a pidfd refers to; -1 once the process is gone."""
     info = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        text = os.read(info, 4096).decode()
+        text = os.read(info, 4096)
     finally:
         os.close(info)
-    for line in text.splitlines():
-        if line.startswith("Pid:"):
-            return int(line.split()[1])
-    raise FailedPrecondition("the attached descriptor is not a pidfd")
+    start = text.find(b"\nPid:")  # never the first line (pos: is)
+    if start == -1:
+        raise FailedPrecondition("the attached descriptor is not a pidfd")
+    end = text.find(b"\n", start + 1)
+    return int(text[start + 5 : end if end != -1 else len(text)])
 
 
 def descriptors(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
