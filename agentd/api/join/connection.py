@@ -55,13 +55,13 @@ class Connection(FramedRequests):
         self.pending: list[tuple[int, bytes]] = []  # frames read but not handled yet (no descriptor)
         self.beginning = 0  # BEGINs being handled: their pidfds count as HOLDs
         self.reading = True  # registered with the loop for reads
-        server.loop.add_reader(sock.fileno(), self.readable)
+        server.readiness.add(sock.fileno(), self.readable)
 
     def readable(self) -> None:
         if self.busy:
             # Nothing more is read until the framed request being handled is answered (its descriptors with it):
             # the reader goes now that something came, not at every request (two epoll_ctl calls each).
-            self.server.loop.remove_reader(self.sock.fileno())
+            self.server.readiness.remove(self.sock.fileno())
             self.reading = False
             return
         try:
@@ -207,6 +207,6 @@ class Connection(FramedRequests):
         if not self.open:
             return
         self.open = False
-        self.server.loop.remove_reader(self.sock.fileno())
+        self.server.readiness.remove(self.sock.fileno())
         self.sock.close()
         self.server.closed(self)

@@ -86,7 +86,7 @@ class FramedRequests:
             kind, payload = self.pending.pop(0)
             self._frame(kind, payload, fds if not self.pending else [])
         if self.open and not self.busy and not self.reading:
-            self.server.loop.add_reader(self.sock.fileno(), self.readable)
+            self.server.readiness.add(self.sock.fileno(), self.readable)
             self.reading = True
 
     def _frame(self, kind: int, payload: bytes, fds: list[int]) -> None:

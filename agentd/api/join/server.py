@@ -20,6 +20,7 @@ from agentd.api.join import limits
 from agentd.api.join.connection import Connection
 from agentd.api.join.contract import Beginner, Ender, HoldRefused, Identify, Placer
 from agentd.api.join.limits import Usage, connection_refusal, hold_refusal
+from agentd.api.join.readiness import Readiness
 from agentd.api.join.wire import UCRED, pidfd_pid
 from agentd.core.errors import FailedPrecondition
 
@@ -68,6 +69,7 @@ class JoinServer:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.listener.bind(str(path))
         self.listener.listen(256)
+        self.readiness = Readiness(loop)  # the connections' reads
         self._resume: asyncio.TimerHandle | None = None
         self._idle_check: asyncio.TimerHandle | None = None  # armed while connections are open
         self._listen()
@@ -244,5 +246,6 @@ class JoinServer:
         self.listener.close()
         for connection in list(self.connections):
             connection.close()
+        self.readiness.close()
         for task in self._tasks:
             task.cancel()
