@@ -55,15 +55,24 @@ class Connection(FramedRequests):
         self.pending: list[tuple[int, bytes]] = []  # frames read but not handled yet (no descriptor)
         self.beginning = 0  # BEGINs being handled: their pidfds count as HOLDs
         self.reading = True  # registered with the loop for reads
+        self.answered_end = False  # an END was answered in the read being handled
         server.readiness.add(sock.fileno(), self.readable)
 
     def readable(self) -> None:
+        self._read()
+        while self.answered_end and self.open and not self.busy:
+            # A client mostly hangs up right after END's result (the launcher does): read that now, while here,
+            # rather than in another turn of the loop.
+            self._read()
+
+    def _read(self) -> None:
         if self.busy:
             # Nothing more is read until the framed request being handled is answered (its descriptors with it):
             # the reader goes now that something came, not at every request (two epoll_ctl calls each).
             self.server.readiness.remove(self.sock.fileno())
             self.reading = False
             return
+        self.answered_end = False
         try:
             size = READ_SIZE if self.framed is False else FRAME_READ_SIZE
             data, ancdata, flags, _addr = self.sock.recvmsg(size, FD_SPACE)

@@ -55,6 +55,7 @@ class FramedRequests:
     reading: bool
     pending: list[tuple[int, bytes]]
     beginning: int
+    answered_end: bool
     readable: Callable[[], None]
     remember: Callable[[str], None]
     violation: Callable[[str], None]
@@ -174,6 +175,7 @@ class FramedRequests:
             return
         self.send(frame(RESULT, result))
         self.server.answered()
+        self.answered_end = True
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
         """Handle a request, at once as far as it goes without waiting (agentd.api.join.eager); one that waits keeps
