@@ -143,6 +143,29 @@ def _kinds(data: bytes) -> list[int]:
     return [kind for kind, _ in frames]
 
 
+def test_requests_sent_before_agentd_accepts_are_read_at_accept_and_leave_nothing_behind(tmp_path: Path) -> None:
+    """A client's first request is mostly there when agentd accepts it (read then, in the same turn): answered,
+    and a connection closed by it (a framing error, an EOF) is counted out at once."""
+    path = tmp_path / "join.sock"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _server(path) as server:
+            with _connect(path) as answered, _connect(path) as bad, _connect(path) as gone:
+                answered.send(b"JOIN a\n")  # all sent before the loop runs the accept
+                bad.send(b"\x00\x00\x00\x00")  # a frame of 0 bytes: a framing error, closed
+                gone.shutdown(socket.SHUT_WR)
+                assert await asyncio.wait_for(loop.sock_recv(answered, 100), 5) == b"OK tc-a\n"
+                assert _kinds(await asyncio.wait_for(loop.sock_recv(bad, 4096), 5)) == [wire.ERROR]
+                assert await _closed_by_agentd(bad) and await _closed_by_agentd(gone)
+                (connection,) = server.connections
+                assert server.usage == {connection.owner: limits.Usage(connections=1)}
+            await asyncio.sleep(0.1)
+            assert not server.connections and not server.usage
+
+    asyncio.run(main())
+
+
 def test_connections_beyond_the_cap_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "join.sock"
 
