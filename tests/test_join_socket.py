@@ -3,6 +3,7 @@ and cgroups is tested through the daemon: test_auth, test_lifecycle.)"""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import os
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from agentd.api import join
 from agentd.api.gen import agentd_pb2 as pb
-from agentd.api.join import limits
+from agentd.api.join import limits, wire
 from agentd.core.errors import PermissionDenied, ResourceExhausted
 
 
@@ -94,6 +95,75 @@ def test_idle_connections_are_closed_busy_ones_kept(tmp_path: Path, monkeypatch:
             assert loop.time() - quiet >= 0.35
 
     _serve(path, body)
+
+
+def test_framed_connections_with_a_request_in_hand_or_a_call_placed_are_kept_past_the_idle_timeout(
+    tmp_path: Path, descriptors: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "IDLE_TIMEOUT_SECONDS", 0.3)
+    path = tmp_path / "join.sock"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        admitted = loop.create_future()
+
+        async def beginner(request: pb.BeginToolCallRequest, token: str, sender: int, pidfd: int,
+                           placed: Callable[[str], None]) -> pb.BeginToolCallResponse:
+            await admitted  # admission makes it wait
+            placed("tc-1")
+            return pb.BeginToolCallResponse(call_id="tc-1")
+
+        async def ender(call_id: str, wait_status: int | None) -> pb.ToolCallResult:
+            return pb.ToolCallResult(call_id=call_id)
+
+        async with _server(path, ender=ender) as server:
+            server.beginner = beginner
+            with _connect(path) as sock:
+                hello = wire.frame(wire.HELLO, pb.JoinHello(version=wire.FRAME_VERSION, session_token="t"))
+                begin = wire.frame(wire.BEGIN, pb.BeginToolCallRequest())
+                pidfd = array.array("i", [descriptors["live"]])
+                sock.sendmsg([hello + begin], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, pidfd)])
+                await asyncio.sleep(1.5)  # busy with the BEGIN: kept
+                admitted.set_result(None)
+                assert _kinds(await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)) == [wire.BEGUN]
+                await asyncio.sleep(1.5)  # the call awaits its END here: kept
+                end = wire.frame(wire.END, pb.EndToolCallRequest(call_id="tc-1"))
+                await loop.sock_sendall(sock, end)
+                assert _kinds(await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)) == [wire.RESULT]
+                quiet = loop.time()
+                assert await _closed_by_agentd(sock)  # nothing in hand any more: closed once it fell quiet
+                assert loop.time() - quiet >= 0.25
+
+    asyncio.run(main())
+
+
+def _kinds(data: bytes) -> list[int]:
+    frames, rest = wire.split_frames(data)
+    assert not rest
+    return [kind for kind, _ in frames]
+
+
+def test_requests_sent_before_agentd_accepts_are_read_at_accept_and_leave_nothing_behind(tmp_path: Path) -> None:
+    """A client's first request is mostly there when agentd accepts it (read then, in the same turn): answered,
+    and a connection closed by it (a framing error, an EOF) is counted out at once."""
+    path = tmp_path / "join.sock"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with _server(path) as server:
+            with _connect(path) as answered, _connect(path) as bad, _connect(path) as gone:
+                answered.send(b"JOIN a\n")  # all sent before the loop runs the accept
+                bad.send(b"\x00\x00\x00\x00")  # a frame of 0 bytes: a framing error, closed
+                gone.shutdown(socket.SHUT_WR)
+                assert await asyncio.wait_for(loop.sock_recv(answered, 100), 5) == b"OK tc-a\n"
+                assert _kinds(await asyncio.wait_for(loop.sock_recv(bad, 4096), 5)) == [wire.ERROR]
+                assert await _closed_by_agentd(bad) and await _closed_by_agentd(gone)
+                (connection,) = server.connections
+                assert server.usage == {connection.owner: limits.Usage(connections=1)}
+            await asyncio.sleep(0.1)
+            assert not server.connections and not server.usage
+
+    asyncio.run(main())
 
 
 def test_connections_beyond_the_cap_are_refused(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import pytest
 import support
 from support import spawn_in, wait_for
 
-from agentd.core.owners import owner_of
+from agentd.core.owners import Owners
 from agentd.core.tree import Tree
 from agentd.kernel import cgroupfs
 from agentd.kernel.mounts import cgroup2_mount
@@ -41,19 +41,20 @@ def test_owner_is_the_session_holding_the_process_else_its_uid(tree: Tree) -> No
         "sessions/s-2/agent": "session:s-2",
         "supervisor": "uid:1234",  # agentd's own tree, but no session
     }
+    owner_of = Owners(tree)
     sleepers = [spawn_in(tree.root / place, ["sleep", "100"]) for place in places]
     try:
         for sleeper, (place, owner) in zip(sleepers, places.items(), strict=True):
             wait_for(functools.partial(_in, sleeper.pid, tree.root / place))  # the shell moves itself first
-            assert owner_of(tree, sleeper.pid, 1234) == owner, place
+            assert owner_of(sleeper.pid, 1234) == owner, place
             assert cgroupfs.cgroup_path_of_pid(str(tree.mount), sleeper.pid) == str(tree.root / place)
             assert cgroupfs.cgroup_of_pid(tree.mount, sleeper.pid) == tree.root / place
         with subprocess.Popen(["sleep", "100"]) as outside:  # not in agentd's tree at all
-            assert owner_of(tree, outside.pid, 1234) == "uid:1234"
+            assert owner_of(outside.pid, 1234) == "uid:1234"
             outside.kill()
         gone = subprocess.Popen(["true"])
         gone.wait()
-        assert owner_of(tree, gone.pid, 1234) is None
+        assert owner_of(gone.pid, 1234) is None
     finally:
         for sleeper in sleepers:
             sleeper.kill()

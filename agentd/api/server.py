@@ -120,7 +120,7 @@ async def serve(config: Config, policy_config: PolicyConfig | None = None) -> No
         join_server = join.JoinServer(
             loop, config.join_socket, lambda token, sender, target: engine.join(token, sender, target).id,
             end_from_join, engine.housekeeping_now, config.max_connections,
-            lambda pid, uid: owners.owner_of(engine.tree, pid, uid),
+            owners.Owners(engine.tree),
         )
         _secure(config.join_socket, 0o666, None)
         sandbox = Service(engine, policy, metrics, join_server, sandbox=True)

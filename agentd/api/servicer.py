@@ -195,7 +195,7 @@ class Service:
             if not token:
                 raise errors.PermissionDenied("missing session token (JoinHello.session_token)")
             response = await self.begin_tool_call(
-                request, self.engine.session_for_token(token), _held_here(sender, pidfd, placed)
+                request, self.engine.session_for_token(token), _HeldHere(sender, pidfd, placed)
             )
             code = "OK"
             return response
@@ -322,14 +322,21 @@ class Service:
 Placing = contextlib.AbstractAsyncContextManager[tuple[int, int, Callable[[str], None]]]
 
 
-@contextlib.asynccontextmanager
-async def _held_here(
-    sender: int, pidfd: int, placed: Callable[[str], None]
-) -> AsyncIterator[tuple[int, int, Callable[[str], None]]]:
-    pid = pidfd_pid(pidfd)
-    if pid == -1:
-        raise errors.FailedPrecondition("the held process has already exited")
-    yield sender, pid, placed
+class _HeldHere(contextlib.AbstractAsyncContextManager[tuple[int, int, Callable[[str], None]]]):
+    """The process a join-socket BEGIN's pidfd refers to, to place (a class: an asynccontextmanager's generator
+    costs more than the rest of it, on every BEGIN)."""
+
+    def __init__(self, sender: int, pidfd: int, placed: Callable[[str], None]) -> None:
+        self.sender, self.pidfd, self.placed = sender, pidfd, placed
+
+    async def __aenter__(self) -> tuple[int, int, Callable[[str], None]]:
+        pid = pidfd_pid(self.pidfd)
+        if pid == -1:
+            raise errors.FailedPrecondition("the held process has already exited")
+        return self.sender, pid, self.placed
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
 
 
 def _call_pb(call: ToolCall) -> pb.ToolCallInfo:

@@ -10,16 +10,21 @@ SESSION_PREFIX = "session:"
 UID_PREFIX = "uid:"
 
 
-def owner_key(tree: Tree, cgroup: str, uid: int) -> str:
-    """"session:<id>" for a cgroup inside a session's subtree (agent/ or one of its calls), else "uid:<uid>"."""
-    sessions = f"{tree.sessions}/"
-    if cgroup.startswith(sessions) and len(cgroup) > len(sessions):
-        return SESSION_PREFIX + cgroup[len(sessions):].split("/", 1)[0]
-    return f"{UID_PREFIX}{uid}"
+class Owners:
+    """The owner of a connecting process: asked once per join connection, so the tree's paths are strings made
+    once (no pathlib on the way)."""
 
+    def __init__(self, tree: Tree) -> None:
+        self.mount = str(tree.mount)
+        self.sessions = f"{tree.sessions}/"
 
-def owner_of(tree: Tree, pid: int, uid: int) -> str | None:
-    """The owner of process `pid` (running as `uid`) as the kernel places it now; None once it has exited.
-    Strings, not paths: asked once per join connection."""
-    where = cgroupfs.cgroup_path_of_pid(str(tree.mount), pid)
-    return None if where is None else owner_key(tree, where, uid)
+    def __call__(self, pid: int, uid: int) -> str | None:
+        """The owner of process `pid` (running as `uid`) as the kernel places it now; None once it has exited."""
+        where = cgroupfs.cgroup_path_of_pid(self.mount, pid)
+        return None if where is None else self.key(where, uid)
+
+    def key(self, cgroup: str, uid: int) -> str:
+        """"session:<id>" for a cgroup inside a session's subtree (agent/ or one of its calls), else "uid:<uid>"."""
+        if cgroup.startswith(self.sessions) and len(cgroup) > len(self.sessions):
+            return SESSION_PREFIX + cgroup[len(self.sessions):].split("/", 1)[0]
+        return f"{UID_PREFIX}{uid}"

@@ -51,7 +51,8 @@ The package, one job a module: wire (the bytes on the socket: lines, frames, wai
 (the quotas and timeouts above, and the refusals under them; read there at call time, so a test patches them
 there), contract (the callables the server is given, HoldRefused, PlacementRefused), connection (one
 connection's state machine and the line protocol), framed (the framed protocol's requests on a connection),
-server (JoinServer: listening, admission, the held processes).
+eager (a request run at once up to its first wait, a task only for one that waits), readiness (one epoll for
+every connection's reads), server (JoinServer: listening, admission, the idle check, the held processes).
 """
 
 from agentd.api.join.contract import (

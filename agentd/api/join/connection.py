@@ -48,23 +48,31 @@ class Connection(FramedRequests):
         self.buffer = b""  # a line not complete yet (never with a descriptor)
         self.refs: set[str] = set()  # its unclaimed HOLDs
         self.placed: OrderedDict[str, None] = OrderedDict()  # calls placed here awaiting END, oldest first
-        self.active = server.loop.time()  # of the last request or answer
-        self.idle = server.loop.call_later(limits.IDLE_TIMEOUT_SECONDS, self._check_idle)
+        self.active = server.loop.time()  # of the last request or answer (the server's idle check reads it)
         self.framed: bool | None = None  # decided by the first byte
         self.token: str | None = None  # the HELLO's session token (framed)
         self.busy = False  # a framed request is being handled: nothing more is read meanwhile
         self.pending: list[tuple[int, bytes]] = []  # frames read but not handled yet (no descriptor)
         self.beginning = 0  # BEGINs being handled: their pidfds count as HOLDs
         self.reading = True  # registered with the loop for reads
-        server.loop.add_reader(sock.fileno(), self.readable)
+        self.answered_end = False  # an END was answered in the read being handled
+        server.readiness.add(sock.fileno(), self.readable)
 
     def readable(self) -> None:
+        self._read()
+        while self.answered_end and self.open and not self.busy:
+            # A client mostly hangs up right after END's result (the launcher does): read that now, while here,
+            # rather than in another turn of the loop.
+            self._read()
+
+    def _read(self) -> None:
         if self.busy:
             # Nothing more is read until the framed request being handled is answered (its descriptors with it):
             # the reader goes now that something came, not at every request (two epoll_ctl calls each).
-            self.server.loop.remove_reader(self.sock.fileno())
+            self.server.readiness.remove(self.sock.fileno())
             self.reading = False
             return
+        self.answered_end = False
         try:
             size = READ_SIZE if self.framed is False else FRAME_READ_SIZE
             data, ancdata, flags, _addr = self.sock.recvmsg(size, FD_SPACE)
@@ -179,17 +187,21 @@ class Connection(FramedRequests):
         self.close()
 
     def _touch(self) -> None:
-        """The connection is in use: its idle timeout starts over (noted only; the timer catches up when due,
-        instead of a timer cancelled and made again for every line)."""
+        """The connection is in use: its idle timeout starts over (noted only: the server's idle check reads it,
+        instead of a timer made and cancelled for every connection)."""
         self.active = self.server.loop.time()
 
-    def _check_idle(self) -> None:
-        left = self.active + limits.IDLE_TIMEOUT_SECONDS - self.server.loop.time()
-        if left > 0 or (self.framed and (self.placed or self.busy)):
-            left = max(left, limits.IDLE_TIMEOUT_SECONDS)
-            self.idle = self.server.loop.call_later(left, self._check_idle)
-        else:
-            self.close()
+    def idle_until(self, now: float) -> float | None:
+        """When the connection may be idle for IDLE_TIMEOUT_SECONDS, or None: idle that long now, closed. A framed
+        one with a request in hand or a call awaiting its END is in use: its timeout starts over."""
+        until = self.active + limits.IDLE_TIMEOUT_SECONDS
+        if until > now:
+            return until
+        if self.framed and (self.placed or self.busy):
+            self.active = now
+            return now + limits.IDLE_TIMEOUT_SECONDS
+        self.close()
+        return None
 
     def reply(self, line: str) -> None:
         if not self.open:  # closed meanwhile (an END answered after the client went away)
@@ -204,7 +216,6 @@ class Connection(FramedRequests):
         if not self.open:
             return
         self.open = False
-        self.idle.cancel()
-        self.server.loop.remove_reader(self.sock.fileno())
+        self.server.readiness.remove(self.sock.fileno())
         self.sock.close()
         self.server.closed(self)

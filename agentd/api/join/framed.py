@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from agentd.api.gen import agentd_pb2 as pb
 from agentd.api.join.contract import PlacementRefused
+from agentd.api.join.eager import Resumed, first_step
 from agentd.api.join.wire import (
     BEGIN,
     BEGUN,
+    CTRUNC,
     END,
     ERROR,
     FRAME_VERSION,
@@ -53,6 +55,7 @@ class FramedRequests:
     reading: bool
     pending: list[tuple[int, bytes]]
     beginning: int
+    answered_end: bool
     readable: Callable[[], None]
     remember: Callable[[str], None]
     violation: Callable[[str], None]
@@ -60,7 +63,7 @@ class FramedRequests:
     _touch: Callable[[], None]
 
     def _frames(self, data: bytes, flags: int, fds: list[int]) -> None:
-        if flags & socket.MSG_CTRUNC:
+        if flags & CTRUNC:
             self.violation("more than one descriptor in a message")
             return
         self._touch()
@@ -84,7 +87,7 @@ class FramedRequests:
             kind, payload = self.pending.pop(0)
             self._frame(kind, payload, fds if not self.pending else [])
         if self.open and not self.busy and not self.reading:
-            self.server.loop.add_reader(self.sock.fileno(), self.readable)
+            self.server.readiness.add(self.sock.fileno(), self.readable)
             self.reading = True
 
     def _frame(self, kind: int, payload: bytes, fds: list[int]) -> None:
@@ -172,20 +175,23 @@ class FramedRequests:
             return
         self.send(frame(RESULT, result))
         self.server.answered()
+        self.answered_end = True
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
-        """Handle a request that waits: nothing more is read until it is answered (readable() stops reading if
-        more comes meanwhile)."""
-        self.busy = True
+        """Handle a request, at once as far as it goes without waiting (agentd.api.join.eager); one that waits keeps
+        the connection busy: nothing more is read until it is answered (readable() stops reading if more comes
+        meanwhile), then the frames read before go on."""
+        waiting = first_step(work)
+        if waiting is not None:
+            self.busy = True
+            self.server.spawn(self._finish(work, waiting))
 
-        async def then_next() -> None:
-            try:
-                await work
-            finally:
-                self.busy = False
-                self._pump([])
-
-        self.server.spawn(then_next())
+    async def _finish(self, work: Coroutine[Any, Any, None], waiting: Any) -> None:
+        try:
+            await Resumed(work, waiting)
+        finally:
+            self.busy = False
+            self._pump([])
 
     def failed_frame(self, verb: str, exc: Exception, call_id: str = "") -> None:
         code = status_code(exc).name

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IDLE_TIMEOUT_SECONDS = 30.0
+IDLE_CHECK_SECONDS = 1.0  # idle connections are looked for at most this often (closed this much late at most)
 ACCEPT_PAUSE_SECONDS = 0.1  # out of descriptors: stop accepting for a moment instead of spinning on the listener
 ACCEPTS_PER_WAKEUP = 64  # then other work on the loop gets its turn
 HOLD_WAIT_SECONDS = 5.0  # how long a BeginToolCall waits for the HOLD it names (sent just before it)

@@ -20,6 +20,7 @@ from agentd.api.join import limits
 from agentd.api.join.connection import Connection
 from agentd.api.join.contract import Beginner, Ender, HoldRefused, Identify, Placer
 from agentd.api.join.limits import Usage, connection_refusal, hold_refusal
+from agentd.api.join.readiness import Readiness
 from agentd.api.join.wire import UCRED, pidfd_pid
 from agentd.core.errors import FailedPrecondition
 
@@ -68,7 +69,9 @@ class JoinServer:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.listener.bind(str(path))
         self.listener.listen(256)
+        self.readiness = Readiness(loop)  # the connections' reads
         self._resume: asyncio.TimerHandle | None = None
+        self._idle_check: asyncio.TimerHandle | None = None  # armed while connections are open
         self._listen()
 
     # ----- connections -----------------------------------------------------------------------------------
@@ -76,7 +79,8 @@ class JoinServer:
     def _accept(self) -> None:
         for _ in range(limits.ACCEPTS_PER_WAKEUP):
             try:
-                sock, _addr = self.listener.accept()
+                # accept() would make the new socket's family and type enum members (Python code) for nothing.
+                fd, _addr = self.listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -87,7 +91,7 @@ class JoinServer:
                     self._resume = self.loop.call_later(limits.ACCEPT_PAUSE_SECONDS, self._listen)
                     return
                 raise
-            self._admit(sock)
+            self._admit(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd))
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -99,13 +103,31 @@ class JoinServer:
         if owner is None:
             self._refuse(sock, "FAILED_PRECONDITION", "the connecting process has exited", f"pid:{pid}", pid)
             return
-        usage = self.usage.get(owner, Usage())
+        usage = self.usage.get(owner) or Usage()
         refusal = connection_refusal(len(self.connections), self.max_connections, owner, usage)
         if refusal is not None:
             self._refuse(sock, "RESOURCE_EXHAUSTED", refusal, owner, pid)
             return
-        self.count(owner, connections=1)
-        self.connections.add(Connection(self, sock, pid, owner))
+        usage.connections += 1
+        self.usage[owner] = usage
+        connection = Connection(self, sock, pid, owner)
+        self.connections.add(connection)
+        if self._idle_check is None:
+            self._idle_check = self.loop.call_later(limits.IDLE_TIMEOUT_SECONDS, self._close_idle)
+        connection.readable()  # a client sends its first request as it connects: read now, not a loop turn later
+
+    def _close_idle(self) -> None:
+        """Close the connections idle for IDLE_TIMEOUT_SECONDS; check again when the next one may be (at most every
+        IDLE_CHECK_SECONDS: one timer for all connections, not one per connection)."""
+        now = self.loop.time()
+        soonest: float | None = None
+        for connection in list(self.connections):
+            until = connection.idle_until(now)
+            if until is not None and (soonest is None or until < soonest):
+                soonest = until
+        self._idle_check = None
+        if soonest is not None:  # connections are left
+            self._idle_check = self.loop.call_later(max(soonest - now, limits.IDLE_CHECK_SECONDS), self._close_idle)
 
     def _listen(self) -> None:
         self.loop.add_reader(self.listener.fileno(), self._accept)
@@ -125,7 +147,9 @@ class JoinServer:
         self.count(connection.owner, connections=-1)
 
     def count(self, owner: str, connections: int = 0, held: int = 0) -> None:
-        usage = self.usage.setdefault(owner, Usage())
+        usage = self.usage.get(owner)
+        if usage is None:
+            usage = self.usage[owner] = Usage()
         usage.connections += connections
         usage.held += held
         if not usage.connections and not usage.held:
@@ -149,7 +173,7 @@ class JoinServer:
     # ----- held processes --------------------------------------------------------------------------------
 
     def hold_refusal(self, connection: Connection) -> str | None:
-        usage = self.usage.get(connection.owner, Usage())
+        usage = self.usage.get(connection.owner) or Usage()
         return hold_refusal(len(connection.refs) + connection.beginning, connection.owner, usage, len(self.held))
 
     def hold(self, ref: str, connection: Connection, pidfd: int) -> None:
@@ -215,11 +239,13 @@ class JoinServer:
             os.close(held.pidfd)
 
     def close(self) -> None:
-        if self._resume is not None:
-            self._resume.cancel()
+        for timer in (self._resume, self._idle_check):
+            if timer is not None:
+                timer.cancel()
         self.loop.remove_reader(self.listener.fileno())
         self.listener.close()
         for connection in list(self.connections):
             connection.close()
+        self.readiness.close()
         for task in self._tasks:
             task.cancel()
