@@ -20,7 +20,7 @@ It starts its own daemon on a temporary socket and cgroup root (and removes them
 launcher/build/agentd-run (make -C launcher). Last line:
 shim_overhead_p50_ms=… shim_overhead_p99_ms=… sdk_p50_ms=… sdk_p99_ms=… agentd_cpu_ms=… throughput_ratio=…
 (the shim's keys are the native shim's; then launcher_overhead_p50_ms, launcher_overhead_p99_ms,
-shim_script_overhead_p50_ms, floor_cpu_ms, floor_overhead_p50_ms)
+shim_script_overhead_p50_ms, floor_cpu_ms, agentd_floor_ratio, floor_overhead_p50_ms)
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter, floo
     print(f"agentd CPU per call: {agentd_cpu:.3f} ms (user {cpu.user * 1e3:.3f}, kernel {cpu.kernel * 1e3:.3f})")
     floor_ms = (floor_cpu.user + floor_cpu.kernel) * 1e3
     print(f"floor server CPU per call: {floor_ms:.3f} ms (user {floor_cpu.user * 1e3:.3f}, "
-          f"kernel {floor_cpu.kernel * 1e3:.3f})")
+          f"kernel {floor_cpu.kernel * 1e3:.3f}); agentd / floor: {agentd_cpu / floor_ms:.2f}x "
+          "(both measured over the same rounds: steadier than either on a noisy host)")
     print(f"{clients} clients: {with_agentd:.0f} calls/s through agentd-run; {without:.0f}/s launching true "
           f"without agentd")
     print(f"shim_overhead_p50_ms={percentile(shim_over, 0.5):.3f} "
@@ -205,6 +206,7 @@ def measure(env: dict[str, str], calls: int, clients: int, meter: CpuMeter, floo
           f"launcher_overhead_p50_ms={percentile(launcher_over, 0.5):.3f} "
           f"launcher_overhead_p99_ms={percentile(launcher_over, 0.99):.3f} "
           f"shim_script_overhead_p50_ms={percentile(script_over, 0.5):.3f} floor_cpu_ms={floor_ms:.3f} "
+          f"agentd_floor_ratio={agentd_cpu / floor_ms:.2f} "
           f"floor_overhead_p50_ms={percentile(floor_over, 0.5):.3f}")
 
 
