@@ -68,7 +68,10 @@ def rounds(paths: dict[str, list[str]], calls: int, envs: dict[str, dict[str, st
     times: dict[str, list[float]] = {name: [] for name in paths}
     for n in range(calls + 5):
         for name, argv in paths.items():
-            elapsed = spawn_wait(argv, envs[name])
+            try:
+                elapsed = spawn_wait(argv, envs[name])
+            except RuntimeError as exc:
+                raise RuntimeError(f"{name}, round {n}: {exc}") from None
             if n >= 5:
                 times[name].append(elapsed)
     return times

@@ -84,7 +84,9 @@ class Floor:
         print("ready", flush=True)
         while running:
             for fd, _ in self.epoll.poll(1.0):
-                self.handlers[fd]()
+                handler = self.handlers.get(fd)  # gone if an earlier event of this batch closed it
+                if handler is not None:
+                    handler()
 
 
 class Connection:
