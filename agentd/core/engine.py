@@ -158,4 +158,5 @@ class Engine:
                 call.events_fd = None
             if call.done is not None and not call.done.done():
                 call.done.cancel()
+        self.running.deadlines.close()
         self.records.close()

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agentd.core.config import Config
+from agentd.core.deadlines import Deadlines
 from agentd.core.reap import Reaper
 from agentd.core.registry import Registry
 from agentd.core.results import KillReason, Result
@@ -39,6 +40,10 @@ class Running:
     watcher: Watcher
     tracking: Tracking
     reaper: Reaper
+    deadlines: Deadlines = field(init=False)  # the calls' timers (timeouts, join deadlines, exit-report graces)
+
+    def __post_init__(self) -> None:
+        self.deadlines = Deadlines(self.loop)
 
     def watch(self, call: ToolCall) -> None:
         call.events_fd = self.watcher.watch(f"{call.path}/cgroup.events", lambda fd: self._on_events(call, fd))
@@ -51,7 +56,7 @@ class Running:
 
     def await_join(self, call: ToolCall) -> None:
         """PENDING until its process joins, at most [api] join_timeout_seconds."""
-        call.timers.append(self.loop.call_later(self.config.join_timeout_seconds, self._join_expired, call))
+        call.timers.append(self.deadlines.call_later(self.config.join_timeout_seconds, self._join_expired, call))
 
     def start(self, call: ToolCall, pid: int) -> None:
         """The call's first process is in: RUNNING, timeout armed, start time labelled (a restarted daemon
@@ -60,7 +65,7 @@ class Running:
         call.pid = pid
         call.state = CallState.RUNNING
         call.started = time.time()
-        call.timers.append(self.loop.call_later(call.limits.timeout_seconds, self._timed_out, call))
+        call.timers.append(self.deadlines.call_later(call.limits.timeout_seconds, self._timed_out, call))
         log.debug("call started", extra={"call": call.id, "session": call.session_id, "pid": pid})
         try:
             cgroupfs.set_label(call.path, STARTED_LABEL, f"{call.started!r} {pid}".encode())
@@ -71,7 +76,7 @@ class Running:
         """A running call adopted after a restart: watched again, what is left of its timeout re-armed."""
         self.watch(call)
         remaining = call.started + call.limits.timeout_seconds - time.time()
-        call.timers.append(self.loop.call_later(max(0.0, remaining), self._timed_out, call))
+        call.timers.append(self.deadlines.call_later(max(0.0, remaining), self._timed_out, call))
         if not cgroupfs.populated(call.path):
             self._emptied(call)
 
@@ -132,6 +137,7 @@ class Running:
             self.tracking.drain()  # the lifecycle program may already say how the first process ended
             waiting = call.kernel_exit is None
         if waiting:
-            call.timers.append(self.loop.call_later(self.config.exit_report_grace_seconds, self.reaper.finalise, call))
+            call.timers.append(
+                self.deadlines.call_later(self.config.exit_report_grace_seconds, self.reaper.finalise, call))
         else:
             self.reaper.finalise(call)

@@ -13,6 +13,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+from agentd.core.deadlines import Deadline
 from agentd.core.decode import decode
 from agentd.core.intents import Intent, Limits
 from agentd.core.results import Capture, ExitStatus, KillReason, Result
@@ -104,7 +105,7 @@ class ToolCall:
     emptied: bool = False
     end_requested: bool = False
     events_fd: int | None = None
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    timers: list[Deadline] = field(default_factory=list)
     done: asyncio.Future[Result] | None = None
     freeze_waiters: list[asyncio.Future[None]] = field(default_factory=list)
     policy: PolicyMarks = field(default_factory=PolicyMarks)
