@@ -159,11 +159,6 @@ def enable_controllers(path: Path, wanted: Iterable[str]) -> set[str]:
     return subtree_controllers(path) & set(wanted)
 
 
-def knob_controller(knob: str) -> str:
-    """The controller a knob belongs to ('memory.max' -> 'memory')."""
-    return knob.split(".", 1)[0]
-
-
 def make(path: Path) -> int:
     """Create a cgroup; return its id (the directory's inode number)."""
     try:
@@ -206,7 +201,7 @@ def apply_knobs(path: Path, knobs: Mapping[str, str], enabled: set[str]) -> list
     """Write knobs whose controller is enabled for this cgroup; return the knobs that were not applied."""
     skipped = []
     for knob, value in knobs.items():
-        if knob.partition(".")[0] in enabled:  # knob_controller(), inline: six knobs per tool call
+        if knob.partition(".")[0] in enabled:  # its controller ('memory.max' -> 'memory')
             write_file(f"{path}/{knob}", value)
         else:
             skipped.append(knob)
