@@ -24,9 +24,10 @@ static const char *const HINTS[][2] = {
     {"AGENTD_NETWORK", "--network"}, {"AGENTD_CPU", "--cpu"},
 };
 
-static const char *set(const char *name) {
+/* The variable's value when set and non-empty (the script's ${NAME:-}), else `otherwise`. */
+static const char *set(const char *name, const char *otherwise) {
     const char *value = getenv(name);
-    return value && *value ? value : NULL;
+    return value && *value ? value : otherwise;
 }
 
 int invoked_as_shell(const char *argv0) {
@@ -35,8 +36,9 @@ int invoked_as_shell(const char *argv0) {
 }
 
 char **shell_arguments(int argc, char **argv, int *run_argc) {
-    const char *bash = set("AGENTD_BASH") ? getenv("AGENTD_BASH") : DEFAULT_BASH;
-    if (argc < 2 || strcmp(argv[1], "-c") != 0 || !set("AGENTD_SESSION_TOKEN") || set("AGENTD_IN_TOOL_CALL")) {
+    const char *bash = set("AGENTD_BASH", DEFAULT_BASH);
+    if (argc < 2 || strcmp(argv[1], "-c") != 0 || !set("AGENTD_SESSION_TOKEN", NULL) ||
+        set("AGENTD_IN_TOOL_CALL", NULL)) {
         argv[0] = (char *)bash;
         execv(bash, argv);
         int failed = errno; /* the caller's exit code tells ENOENT (127) from the rest (126), as a shell does */
@@ -55,11 +57,12 @@ char **shell_arguments(int argc, char **argv, int *run_argc) {
     int n = 0;
     run[n++] = argv[0];
     run[n++] = "--tool";
-    run[n++] = (char *)(set("AGENTD_TOOL") ? getenv("AGENTD_TOOL") : "bash");
+    run[n++] = (char *)set("AGENTD_TOOL", "bash");
     for (size_t i = 0; i < hints; i++) {
-        if (set(HINTS[i][0])) {
+        const char *hint = set(HINTS[i][0], NULL);
+        if (hint) {
             run[n++] = (char *)HINTS[i][1];
-            run[n++] = getenv(HINTS[i][0]);
+            run[n++] = (char *)hint;
         }
     }
     run[n++] = "--";
