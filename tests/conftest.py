@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,14 @@ import pytest
 from support import Daemon, create_session
 
 from agentd.api.gen import agentd_pb2 as pb
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests send SIGINT to the processes they start (agentctl watch, top's Ctrl-C, the launcher's relay). A shell
+    without job control starts a background job with SIGINT ignored, which exec keeps: caught here instead, the
+    processes the tests start get the default disposition, as from an interactive shell."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")

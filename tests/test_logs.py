@@ -3,6 +3,7 @@ with the numbers that drove it (real daemon, its JSON log lines)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -76,3 +77,50 @@ def test_a_line_holds_its_fields_as_json_values() -> None:
                      "outcome": int(Outcome.OOM_KILLED), "none": None, "map": {"k": [1, 2]}, "ok": True}
     assert second["call"] == "c1" and "ValueError: boom" in second.pop("exc")
     assert second == {"level": "error", "logger": "agentd.test_logs", "msg": "failed", "call": "c1"}
+
+
+def test_a_turns_lines_are_written_after_it_in_order() -> None:
+    """What a loop callback logs reaches the stream after the callback (its answer goes first), in one write and
+    in order; outside a running loop a line is written at once, after those still pending; flush() writes what a
+    loop that stopped left pending."""
+    stream = io.StringIO()
+    handler = logs.TurnHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("agentd.test_logs.turns")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    seen: list[str] = []
+
+    def callback() -> None:
+        logger.info("first", extra={"n": 1})
+        logger.info("second", extra={"n": 2})
+        seen.append(stream.getvalue())  # nothing yet
+        stream.write("answer\n")
+
+    def last() -> None:
+        logger.info("left pending")
+        loop.stop()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.call_soon(callback)
+        loop.call_soon(lambda: seen.append(stream.getvalue()))  # same turn: still nothing of the callback's
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert seen == ["", "answer\n"]
+        written = stream.getvalue().splitlines()
+        assert written[0] == "answer" and [json.loads(line)["msg"] for line in written[1:]] == ["first", "second"]
+        loop.call_soon(last)
+        loop.run_forever()  # stops in the turn that logged: its write never ran
+        assert "left pending" not in stream.getvalue()
+        logger.info("outside the loop")
+        assert [json.loads(line)["msg"] for line in stream.getvalue().splitlines()[3:]] == [
+            "left pending", "outside the loop"]
+        loop.call_soon(lambda: logger.info("at exit"))
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        handler.flush()
+        assert json.loads(stream.getvalue().splitlines()[-1])["msg"] == "at exit"
+    finally:
+        loop.close()
+        logger.removeHandler(handler)
