@@ -47,7 +47,7 @@ class JsonFormatter(logging.Formatter):
 class TurnHandler(logging.StreamHandler[TextIO]):
     """Writes the lines logged by the callbacks of one turn of the event loop right after them, in one write.
 
-    Formatting and writing a line costs ~80 µs on a 2-vCPU host, and a tool call's begin and end each log one on
+    Formatting and writing a line costs ~60 µs on a 2-vCPU host, and a tool call's begin and end each log one on
     the way to their answers; deferred by one turn, the answer is sent first. Order is kept: a line logged
     outside the loop's thread, or with no loop running (start-up, shutdown), writes those pending first, then
     itself. flush() (logging.shutdown at exit) writes what is pending. A line is lost only if the process dies

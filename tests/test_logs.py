@@ -83,7 +83,14 @@ def test_a_turns_lines_are_written_after_it_in_order() -> None:
     """What a loop callback logs reaches the stream after the callback (its answer goes first), in one write and
     in order; outside a running loop a line is written at once, after those still pending; flush() writes what a
     loop that stopped left pending."""
-    stream = io.StringIO()
+    class Counted(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream = Counted()
     handler = logs.TurnHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
     logger = logging.getLogger("agentd.test_logs.turns")
@@ -107,7 +114,7 @@ def test_a_turns_lines_are_written_after_it_in_order() -> None:
         loop.call_soon(callback)
         loop.call_soon(lambda: seen.append(stream.getvalue()))  # same turn: still nothing of the callback's
         loop.run_until_complete(asyncio.sleep(0.01))
-        assert seen == ["", "answer\n"]
+        assert seen == ["", "answer\n"] and stream.writes == 2  # the answer, then both lines
         written = stream.getvalue().splitlines()
         assert written[0] == "answer" and [json.loads(line)["msg"] for line in written[1:]] == ["first", "second"]
         loop.call_soon(last)
