@@ -10,7 +10,7 @@ command is really bare), rounds interleaved so that every path sees the same mac
 - the SDK's fast path (agentd.client over the join socket): BEGIN + END round trips, launching excluded;
 - agentd's CPU per call (user + kernel, all threads, over the launcher's calls);
 - calls/s of 8 clients, each running `agentd-run -- true` in a loop, as a ratio to the same 8 clients
-  launching `true` without agentd, in the same run (and the same through the native floor);
+  launching `true` without agentd, in the same run (and the same against the native floor and the null server);
 - the floor (bench/launch_floor.py): `agentd-run -- true` against a minimal Python server that makes the kernel do
   what agentd makes it do for the call and nothing else, in the same rounds: its wall time and its CPU per call;
   and the native floor (bench/launch_floor.c, the same server in C, built here with cc and protobuf-c as for the
