@@ -1,7 +1,7 @@
 /*
  * agentd-shell, native: agentd-run started under the name agentd-shell (a link or a copy) is the drop-in for the
  * agent's `bash -c CMD` that agentd/data/agentd-shell is as a script, without a shell's start-up before the
- * launcher's (about a millisecond per command). Same rules: with a session token, outside a tool call, `-c CMD
+ * launcher's (~0.6 ms per command, bench/launch.py). Same rules: with a session token, outside a tool call, `-c CMD
  * [ARGS...]` runs `bash -c CMD [ARGS...]` as its own tool call, with the script's optional hints taken from
  * AGENTD_MEMORY, AGENTD_MEMORY_MAX, AGENTD_TIMEOUT, AGENTD_NETWORK, AGENTD_CPU and AGENTD_TOOL; anything else is
  * plain bash ($AGENTD_BASH, default /bin/bash).

@@ -108,8 +108,7 @@ class JoinServer:
         if refusal is not None:
             self._refuse(sock, "RESOURCE_EXHAUSTED", refusal, owner, pid)
             return
-        usage.connections += 1
-        self.usage[owner] = usage
+        self.count(owner, connections=1)
         connection = Connection(self, sock, pid, owner)
         self.connections.add(connection)
         if self._idle_check is None:
